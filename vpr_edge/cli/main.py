@@ -1,0 +1,75 @@
+"""`vpr-edge` with subcommands. Adding a subcommand is one line in COMMANDS.
+
+Subcommand modules import torch & co. only inside their handlers, so `--help` works everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from vpr_edge import __version__
+from vpr_edge.errors import VprEdgeError
+
+# name -> "module" exposing register(subparsers) -> parser with set_defaults(func=...)
+COMMANDS = {
+    "presets": "vpr_edge.cli.presets_cmd",
+    "vocab": "vpr_edge.models.vocab_cmd",
+    "pca": "vpr_edge.models.pca_cmd",
+    "describe": "vpr_edge.cli.describe_cmd",
+    "export": "vpr_edge.export.cli",
+    "build-engine": "vpr_edge.engines.cli",
+    "map": "vpr_edge.runtime.map_cli",
+    "bench": "vpr_edge.benchmarks.cli",
+    "doctor": "vpr_edge.engines.doctor",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vpr-edge", description="Foundation-model place recognition on edge GPUs.")
+    parser.add_argument("--version", action="version", version=f"vpr-edge {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:  # stage not built yet
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except VprEdgeError as exc:
+        if args.verbose:
+            raise
+        print(f"vpr-edge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("vpr-edge: interrupted; nothing was written under a final name", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv)
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """`vpr-export ...` is `vpr-edge export ...`."""
+    argv = sys.argv[1:] if argv is None else argv
+    return main(["export", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""CLI options defined once and shared by every subcommand."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vpr_edge import presets
+from vpr_edge.errors import ConfigError
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """'224' -> (224, 224); '224x322' or '224,322' -> (H, W)."""
+    parts = text.replace(",", "x").lower().split("x")
+    try:
+        vals = [int(p) for p in parts if p]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"image size must look like 224 or 224x322 (HxW), got {text!r}") from None
+    if len(vals) == 1:
+        vals = vals * 2
+    if len(vals) != 2 or min(vals) < 8:
+        raise argparse.ArgumentTypeError(f"image size must look like 224 or 224x322 (HxW), got {text!r}")
+    return (vals[0], vals[1])
+
+
+def add_model(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        required=required,
+        metavar="PRESET",
+        help="preset name (see `vpr-edge presets`); append @tiny for the toy-size configuration",
+    )
+    g.add_argument(
+        "--weights",
+        default="auto",
+        metavar="auto|random|PATH",
+        help="auto: official checkpoint from the torch hub cache (downloaded if reachable); "
+        "random: random init (offline); PATH: a local checkpoint in the official key layout",
+    )
+    g.add_argument("--image-size", type=image_size, default=None, metavar="HxW", help="fixed input size (default: preset's)")
+    g.add_argument("--layer", type=int, default=None, help="override the facet block (0-based; AnyLoc presets)")
+    g.add_argument("--facet", choices=presets.FACETS, default=None, help="override the facet (AnyLoc presets)")
+    g.add_argument("--vocabulary", type=Path, default=None, metavar="FILE", help="VLAD vocabulary (.npz from `vpr-edge vocab fit` or AnyLoc c_centers.pt)")
+    g.add_argument("--pca", type=Path, default=None, metavar="FILE", help="PCA-whitening file (.npz from `vpr-edge pca fit`)")
+    g.add_argument("--seed", type=int, default=0, help="seed for random weights / random vocabularies")
+
+
+def add_output(p: argparse.ArgumentParser, *, required: bool = True, help: str = "output path") -> None:
+    p.add_argument("--output", "-o", type=Path, required=required, metavar="PATH", help=help)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+def add_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--verify",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="real images to verify on (a folder, or a dataset root with database/ and queries/); "
+        "default: a deterministic synthetic set, recorded as such in the manifest",
+    )
+
+
+def resolve_preset(args: argparse.Namespace) -> presets.Preset:
+    """The frozen preset named by --model with --image-size/--layer/--facet applied."""
+    if not getattr(args, "model", None):
+        raise ConfigError(f"--model is required; choose one of: {', '.join(presets.names())}")
+    p = presets.get(args.model)
+    return p.with_overrides(
+        image_size=getattr(args, "image_size", None),
+        layer=getattr(args, "layer", None),
+        facet=getattr(args, "facet", None),
+    )
