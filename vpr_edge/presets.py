@@ -186,6 +186,10 @@ class Preset:
         validate(p)
         return p
 
+    def without_pca(self) -> "Preset":
+        """The same preset before PCA-whitening (what a PCA is fitted on)."""
+        return dataclasses.replace(self, aggregator=dataclasses.replace(self.aggregator, pca_dim=0))
+
     def tiny(self) -> "Preset":
         """Same architecture (SwiGLU, registers, stride, facet layout, head type) at toy size."""
         if self.tiny_of:

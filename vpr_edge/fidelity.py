@@ -1,0 +1,78 @@
+"""Does a stage rank the database like the reference? One report format for every stage.
+
+numpy only (the runtime and benchmarks use it without torch).
+
+Definitions (the same everywhere, so numbers in manifests and benchmarks compare):
+- rel_err: max |test - ref| / max |ref| over all elements (relative to the output's scale; an
+  elementwise ratio explodes near zero and says nothing about ranking).
+- cosine: per-row cosine between test and ref descriptors (min and mean).
+- topk_agreement: fraction of queries whose top-k database list (in order) is identical under test
+  and ref; top1_agreement is the case k=1. topk_overlap: mean |top-k(test) ∩ top-k(ref)| / k.
+- recall@k: fraction of queries with at least one ground-truth positive among the top k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _l2n(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
+def rank_database(db: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Top-k database indices per query by inner product (descriptors are L2-normalised)."""
+    k = min(k, len(db))
+    sims = queries.astype(np.float64) @ db.astype(np.float64).T
+    # stable tie-breaking by index so equal scores rank identically in every stage
+    order = np.lexsort((np.broadcast_to(np.arange(len(db)), sims.shape), -sims), axis=1)
+    return order[:, :k]
+
+
+def recall_at_k(ranked: np.ndarray, positives: Sequence[np.ndarray], ks: Sequence[int] = (1, 5, 10, 20)) -> dict[str, float]:
+    out = {}
+    for k in ks:
+        hits = [np.isin(ranked[i, :k], positives[i]).any() for i in range(len(positives))]
+        out[f"R@{k}"] = float(np.mean(hits)) if hits else float("nan")
+    return out
+
+
+def compare_descriptors(
+    ref: np.ndarray,
+    test: np.ndarray,
+    db_idx: Sequence[int],
+    q_idx: Sequence[int],
+    positives: Sequence[np.ndarray] | None = None,
+    ks: Sequence[int] = (1, 5),
+) -> dict[str, float]:
+    """Fidelity of `test` descriptors against `ref` on the same images."""
+    ref = np.asarray(ref, dtype=np.float64)
+    test = np.asarray(test, dtype=np.float64)
+    if ref.shape != test.shape:
+        raise ValueError(f"descriptor shapes differ: ref {ref.shape} vs test {test.shape}")
+    finite = np.isfinite(test)
+    report: dict[str, float] = {"n_images": int(len(ref)), "nonfinite": int((~finite).sum())}
+    t = np.where(finite, test, 0.0)
+    scale = float(np.abs(ref).max()) or 1.0
+    report["max_abs_err"] = float(np.abs(t - ref).max())
+    report["rel_err"] = report["max_abs_err"] / scale
+    cos = np.sum(_l2n(t) * _l2n(ref), axis=1)
+    report["cos_min"] = float(cos.min())
+    report["cos_mean"] = float(cos.mean())
+    db_idx, q_idx = np.asarray(db_idx), np.asarray(q_idx)
+    kmax = max(ks)
+    r_ref = rank_database(ref[db_idx], ref[q_idx], kmax)
+    r_test = rank_database(t[db_idx], t[q_idx], kmax)
+    for k in ks:
+        kk = min(k, r_ref.shape[1])
+        report[f"top{k}_agreement"] = float(np.mean(np.all(r_ref[:, :kk] == r_test[:, :kk], axis=1)))
+        overlap = [len(set(a[:kk]) & set(b[:kk])) / kk for a, b in zip(r_ref, r_test)]
+        report[f"top{k}_overlap"] = float(np.mean(overlap))
+    if positives is not None:
+        for name, ranked in (("ref", r_ref), ("test", r_test)):
+            for key, val in recall_at_k(ranked, positives, ks).items():
+                report[f"{key}_{name}"] = val
+    return report
