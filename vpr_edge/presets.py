@@ -45,6 +45,8 @@ class Backbone:
     registers: int = 0
     pos_grid: int = 37  # grid of the trained position embedding (518/14 = 37, DINO v1 224/8 = 28)
     pos_offset: float = 0.1  # DINOv2/DINO interpolate with scale (n + offset) / M, not to a size
+    # dinov2's *_reg hub models interpolate to a size (offset 0) with antialias=True instead
+    pos_antialias: bool = False
     ln_eps: float = 1e-6
     # ResNet trunks
     resnet_layers: tuple[int, ...] = (3, 4, 6, 3)
@@ -312,6 +314,8 @@ def _dinov2(arch: str, dim: int, depth: int, heads: int, registers: int = 0) -> 
         layerscale=True,
         registers=registers,
         pos_grid=37,
+        pos_offset=0.0 if registers else 0.1,
+        pos_antialias=bool(registers),
         weights=Weights(url=_DINOV2_URL.format(name=f"dinov2_{arch}", file=file), file=file, layout="dinov2"),
     )
 

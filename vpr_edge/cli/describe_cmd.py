@@ -39,7 +39,8 @@ def _run(args) -> int:
     if args.output and args.output.exists() and not args.force:
         raise ArtifactError(f"{args.output} already exists; pass --force to overwrite it or choose another --output")
 
-    backbone = B.build_feature_model(preset, args.weights, seed=args.seed)
+    release = B.fetch_release(preset, args.weights)
+    backbone = B.build_backbone(preset, args.weights, seed=args.seed, state_dict=release).eval()
     vocab = args.vocabulary
     if preset.aggregator.kind == "vlad" and vocab is None:
         from vpr_edge.models import vocabulary as V
@@ -61,11 +62,7 @@ def _run(args) -> int:
         print(f"no --pca: fitting PCA-whitening to {preset.aggregator.pca_dim} on {len(fit_on)} images")
         pca = P.fit_pca_whitening(B.describe_paths(no_pca, fit_on, args.batch, progress), preset=preset,
                                   source=f"map-specific: {args.images}")
-    model = B.VprModel(preset, backbone, B.build_aggregator(preset, vocab, pca)).eval()
-    if preset.method == "boq" and args.weights != "random":
-        from vpr_edge.models import weights as W
-
-        W.load_boq_release(model, preset, args.weights)
+    model = B.VprModel(preset, backbone, B.build_aggregator(preset, vocab, pca, state_dict=release)).eval()
     desc = B.describe_paths(model, paths, args.batch, progress)
     if args.output:
         with atomic_file(args.output) as fh:

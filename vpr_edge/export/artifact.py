@@ -206,7 +206,8 @@ def export_artifact(
         if options.verify
         else verify_set.synthetic(preset.preprocess, seed=seed),
     )
-    backbone = steps.run("building model", B.build_backbone, preset, weights, seed)
+    release = B.fetch_release(preset, weights)
+    backbone = steps.run("building model", B.build_backbone, preset, weights, seed, release)
     backbone.eval()
     hashes: dict[str, str | None] = {"weights": _weights_hash(weights), "vocabulary": None, "pca": None}
     vocab_obj = pca_obj = None
@@ -227,12 +228,9 @@ def export_artifact(
             from vpr_edge.models import pca as P
 
             pca_obj = pca if isinstance(pca, P.PCAWhitening) else P.load_pca(pca)
-    aggregator = B.build_aggregator(preset, vocab_obj, pca_obj)
+    aggregator = B.build_aggregator(preset, vocab_obj, pca_obj, state_dict=release)
     model = B.VprModel(preset, backbone, aggregator).eval()
-    if preset.method == "boq" and weights != "random":
-        from vpr_edge.models import weights as W
-
-        W.load_boq_release(model, preset, weights)
+    del release
     if hasattr(model.aggregator, "freeze"):
         model.aggregator.freeze()  # BoQ: image-independent query self-attention becomes a constant
 

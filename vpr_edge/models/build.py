@@ -45,29 +45,46 @@ class VprModel(nn.Module):
         return self.backbone(images)
 
 
-def build_backbone(preset: Preset, weights: str = "random", seed: int = 0) -> nn.Module:
-    """Image -> features. AnyLoc: a FacetExtractor holding blocks 0..layer only."""
-    from vpr_edge.models import boq_backbones, facets, weights as W
+def build_backbone(preset: Preset, weights: str = "random", seed: int = 0, state_dict=None) -> nn.Module:
+    """Image -> features. AnyLoc: a FacetExtractor holding blocks 0..layer only.
+
+    BoQ release checkpoints hold backbone + head in one file: pass it as `state_dict` (see
+    `fetch_release`) so it is read once."""
+    from vpr_edge.models import facets, weights as W
 
     size = preset.preprocess.image_size
     if preset.method == "anyloc":
         vit = W.load_backbone(preset.backbone, weights, num_blocks=preset.facet.layer + 1, seed=seed)
-        vit.set_image_size(size)
-        return facets.FacetExtractor(vit, preset.facet)
+        return facets.FacetExtractor(vit, preset.facet, image_size=size)
     if preset.method == "boq":
-        # BoQ weights come as one release checkpoint for backbone + head (loaded in build_model)
-        return boq_backbones.build_boq_backbone(preset.backbone, image_size=size, seed=seed)
+        return W.load_boq_backbone(
+            preset.backbone, weights, seed, source=preset.aggregator.weights, state_dict=state_dict, image_size=size
+        )
     raise ConfigError(f"{preset.name}: unknown method {preset.method}")
 
 
-def build_aggregator(preset: Preset, vocabulary=None, pca=None) -> nn.Module:
+def fetch_release(preset: Preset, weights: str) -> dict | None:
+    """BoQ: the release checkpoint (backbone + head), or None for random weights / AnyLoc."""
+    if preset.method != "boq" or weights == "random":
+        return None
+    from vpr_edge.models import weights as W
+
+    return W.fetch_state_dict(weights, preset.aggregator.weights)
+
+
+def build_aggregator(preset: Preset, vocabulary=None, pca=None, state_dict=None) -> nn.Module:
     from vpr_edge.models import gem, pca as P, vlad, vocabulary as V
 
     a = preset.aggregator
     if a.kind == "boq":
         from vpr_edge.models.boq import BoQ
 
-        return BoQ.from_preset(preset)
+        head = BoQ.from_preset(preset)
+        if state_dict is not None:
+            from vpr_edge.models import weights as W
+
+            head.load_release_(W.subdict(state_dict, "aggregator."), origin=str(preset.aggregator.weights.file))
+        return head
     if a.kind == "vlad":
         if vocabulary is None:
             raise ConfigError(
@@ -97,20 +114,16 @@ def build_model(
 ) -> VprModel:
     """The reference model in eval mode. VLAD presets need `vocabulary`, PCA presets `pca`."""
     torch.manual_seed(seed)
-    backbone = build_backbone(preset, weights, seed=seed)
-    aggregator = build_aggregator(preset, vocabulary, pca)
-    model = VprModel(preset, backbone, aggregator)
-    if preset.method == "boq" and weights != "random":
-        from vpr_edge.models import weights as W
-
-        W.load_boq_release(model, preset, weights)
-    return model.eval()
+    release = fetch_release(preset, weights)
+    backbone = build_backbone(preset, weights, seed=seed, state_dict=release)
+    aggregator = build_aggregator(preset, vocabulary, pca, state_dict=release)
+    return VprModel(preset, backbone, aggregator).eval()
 
 
 def build_feature_model(preset: Preset, weights: str = "random", seed: int = 0) -> nn.Module:
     """Backbone only (what vocabulary fitting needs); no vocabulary required."""
     torch.manual_seed(seed)
-    return build_backbone(preset, weights, seed=seed).eval()
+    return build_backbone(preset, weights, seed=seed, state_dict=fetch_release(preset, weights)).eval()
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
