@@ -11,11 +11,12 @@ AnyLoc L2-normalises descriptors before retrieval; here that final L2 is part of
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from vpr_edge.errors import ConfigError
+from vpr_edge.lazy import lazy_import
 from vpr_edge.models.vlad import NORM_EPS, l2_normalize
+
+torch = lazy_import("torch")
+nn = torch.nn
 
 MODES = ("signed", "abs", "clamp")
 

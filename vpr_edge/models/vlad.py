@@ -14,15 +14,15 @@ assignment has no gradient; the residual sums do, so a student trains through th
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from vpr_edge.errors import ConfigError
+from vpr_edge.lazy import lazy_import
+
+torch = lazy_import("torch")
+nn = torch.nn
 
 # Floor for the L2 norms. Zero (empty) clusters divide 0 by it and stay 0. It is far below any
-# real residual-sum norm, so FP32 results equal AnyLoc's (eps 1e-12), and unlike 1e-12 it is a
-# normal FP16 number, so an FP16 graph does not turn empty clusters into 0/0 = NaN.
+# real residual-sum norm, so FP32 results equal AnyLoc's (F.normalize, eps 1e-12); unlike 1e-12
+# it is a normal FP16 number, so a graph cast to FP16 keeps a non-zero floor and cannot form 0/0.
 NORM_EPS = 1e-4
 
 
