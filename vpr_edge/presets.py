@@ -212,7 +212,7 @@ class Preset:
         facet = dataclasses.replace(self.facet, layer=2) if self.facet else None
         ta = a
         if a.kind == "vlad":
-            ta = dataclasses.replace(a, clusters=8 if a.clusters >= 64 else 4, pca_dim=16 if a.pca_dim else 0, weights=None)
+            ta = dataclasses.replace(a, clusters=8 if a.clusters >= 64 else 4, pca_dim=8 if a.pca_dim else 0, weights=None)
         elif a.kind == "boq":
             ta = dataclasses.replace(a, proj_channels=32, num_queries=8, row_dim=4, weights=None)
         elif a.kind == "gem":

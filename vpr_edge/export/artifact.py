@@ -160,21 +160,28 @@ def _check_fp32(report: dict) -> list[str]:
 
 
 def _graph_report(preset: Preset, onnx_path: Path) -> dict:
+    """What the graph computes; refuses a graph that computes more than the facet needs."""
     model = graph.load_structure(onnx_path)
     blocks = graph.blocks_in_graph(model)
     ops = graph.op_counts(model)
     rep = {
         "blocks": sorted(blocks),
-        "last_block_ops": dict(blocks[max(blocks)]) if blocks else {},
         "ops": dict(sorted(ops.items())),
         "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None),
     }
     if "Resize" in ops or "Upsample" in ops:
         raise ArtifactError(f"{onnx_path}: graph contains a Resize; the position embedding must be precomputed")
     if preset.facet is not None:
-        want = list(range(preset.facet.layer + 1))
-        if rep["blocks"] != want:
-            raise ArtifactError(f"{onnx_path}: graph computes blocks {rep['blocks']}, expected exactly {want}")
+        L = preset.facet.layer
+        facet = graph.facet_ops(model)
+        rep["facet_block"] = L
+        rep["facet_block_ops"] = dict(facet)
+        if rep["blocks"] != list(range(L)):
+            raise ArtifactError(f"{onnx_path}: graph computes full blocks {rep['blocks']}, expected exactly 0..{L - 1}")
+        if preset.facet.facet != "token" and (facet.get("Softmax") or facet.get("MatMul", 0) != 1):
+            raise ArtifactError(
+                f"{onnx_path}: block {L} should contribute norm1 + one {preset.facet.facet} projection, got {dict(facet)}"
+            )
     return rep
 
 

@@ -33,6 +33,16 @@ def blocks_in_graph(model) -> dict[int, Counter]:
     return out
 
 
+def facet_ops(model) -> Counter:
+    """Ops the FacetExtractor computes for block L itself (outside its trunk of blocks 0..L-1)."""
+    c: Counter = Counter()
+    for node in model.graph.node:
+        scope = node_scope(node)
+        if "FacetExtractor" in scope and node_block(node) is None and ("norm1" in scope or "linear" in scope or "block" in scope):
+            c[node.op_type] += 1
+    return c
+
+
 def op_counts(model) -> Counter:
     return Counter(n.op_type for n in model.graph.node)
 

@@ -1,0 +1,269 @@
+"""Maps: CLI build/add/query/info on Corridor, resume after a kill, unreadable images, indexes,
+refusal of descriptors from another space."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vpr_edge import presets
+from vpr_edge.errors import ArtifactError, ConfigError
+from vpr_edge.runtime import map_cli, map_index
+from vpr_edge.runtime.describer import Describer
+from vpr_edge.runtime.maps import REPORT, Chunk, ChunkStore, Map, _finalize, add_to_map, build_map, query_map
+
+pytest.importorskip("onnx", reason="onnx not installed (export extra), needed to write the toy artifact")
+pytest.importorskip("faiss", reason="faiss not installed")
+from vpr_edge.runtime.toy_artifact import write_toy_artifact  # noqa: E402
+
+PRESET = presets.get("anyloc-dinov2").tiny()
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    return write_toy_artifact(tmp_path_factory.mktemp("art") / "anyloc", PRESET, "backbone")
+
+
+@pytest.fixture(scope="module")
+def db(corridor):
+    return sorted((corridor / "database").glob("*.jpg"))
+
+
+def _cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    map_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["map", *argv])
+    return args.func(args)
+
+
+def test_cli_build_add_query_info(art, db, corridor, tmp_path, capsys):
+    m = tmp_path / "map"
+    assert _cli("build", *map(str, db[:60]), "--model", str(art), "-o", str(m), "--threads", "1", "--batch", "5") == 0
+    assert "60 images" in capsys.readouterr().out
+    assert _cli("add", str(m), str(corridor / "database"), "--threads", "1") == 0
+    assert "added 51 images, now 111" in capsys.readouterr().out
+    assert _cli("add", str(m), str(corridor / "database"), "--threads", "1") == 0
+    assert "added 0 images, now 111" in capsys.readouterr().out
+    q = corridor / "queries" / "0000010.jpg"
+    assert (
+        _cli(
+            "query",
+            str(m),
+            str(q),
+            str(corridor / "queries" / "0000011.jpg"),
+            "--top-k",
+            "3",
+            "--json",
+            "--threads",
+            "1",
+        )
+        == 0
+    )
+    res = json.loads(capsys.readouterr().out)
+    assert [r["query"] for r in res] == [str(q), str(corridor / "queries" / "0000011.jpg")]
+    hits = res[0]["results"]
+    assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+    assert all(h["file"].startswith(str(corridor / "database")) for h in hits)
+    # the reported hit is what an exact numpy search over the map's descriptors finds
+    mp = Map.open(m)
+    with Describer.from_artifact(art, threads=1) as d:
+        qd = d.describe([q])
+    best = int(np.argmax(mp.descriptors() @ qd[0]))
+    assert hits[0]["id"] == best and mp.entries()[best]["path"] == hits[0]["file"]
+    assert _cli("info", str(m), "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["images"] == 111 and info["complete"] and info["dim"] == PRESET.descriptor_dim
+    assert info["index"]["type"] == "flat" and info["artifact"]["scope"] == "backbone"
+    assert _cli("query", str(m), str(q), "--top-k", "2", "--threads", "1") == 0
+    assert "    1  " in capsys.readouterr().out
+    # the registered CLI entry point knows the command
+    from vpr_edge.cli.main import main
+
+    assert main(["map", "info", str(m)]) == 0
+
+
+def test_build_resumes_after_a_kill_without_reencoding(art, db, tmp_path, monkeypatch):
+    images = db[:50]
+    fresh = build_map(images, art, tmp_path / "fresh", chunk_size=16, batch=4, progress=False, threads=1)
+
+    class Killed(Exception):
+        pass
+
+    encoded: list[int] = []
+    real_forward = Describer.forward
+
+    def dying_forward(self, x):
+        if sum(encoded) + len(x) > 38:  # dies inside the third chunk (images 32..47)
+            raise Killed
+        encoded.append(len(x))
+        return real_forward(self, x)
+
+    monkeypatch.setattr(Describer, "forward", dying_forward)
+    with pytest.raises(Killed):
+        build_map(images, art, tmp_path / "map", chunk_size=16, batch=4, progress=False, threads=1)
+    partial = Map.open(tmp_path / "map", require_complete=False)
+    assert not partial.complete and [len(c.files) for c in partial.store.committed()] == [16, 16]
+    with pytest.raises(ArtifactError, match="did not finish"):
+        query_map(tmp_path / "map", images[:1], artifact=art)
+
+    def counting_forward(self, x):
+        encoded.append(len(x))
+        return real_forward(self, x)
+
+    encoded.clear()
+    monkeypatch.setattr(Describer, "forward", counting_forward)
+    m = build_map(images, art, tmp_path / "map", chunk_size=16, batch=4, progress=False, threads=1)
+    assert sum(encoded) == 50 - 32  # nothing committed was encoded again
+    assert [e["path"] for e in m.entries()] == [str(p.resolve()) for p in images]  # nothing lost, order kept
+    np.testing.assert_allclose(m.descriptors(), fresh.descriptors(), atol=1e-6)
+    assert m.index().ntotal == 50
+
+
+def test_kill_between_descriptor_and_record_write(art, db, tmp_path, monkeypatch):
+    """A chunk whose .npy landed but whose .json did not is not committed and gets redone."""
+    real = ChunkStore.commit
+    calls = {"n": 0}
+
+    def commit(self, chunk, descriptors):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            np.save(self.dir / f"{chunk.id:06d}.npy", descriptors)  # the .npy lands, then the process dies
+            raise KeyboardInterrupt
+        return real(self, chunk, descriptors)
+
+    monkeypatch.setattr(ChunkStore, "commit", commit)
+    with pytest.raises(KeyboardInterrupt):
+        build_map(db[:20], art, tmp_path / "map", chunk_size=8, progress=False, threads=1)
+    monkeypatch.setattr(ChunkStore, "commit", real)
+    m = build_map(db[:20], art, tmp_path / "map", chunk_size=8, progress=False, threads=1)
+    assert m.details["count"] == 20 and len(m.store.committed()) == 3
+
+
+def test_unreadable_images_are_reported_skipped_and_retried_by_add(art, db, tmp_path, caplog):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in db[:4]:
+        shutil.copy(p, folder / p.name)
+    (folder / "zz_corrupt.jpg").write_bytes(b"not a jpeg at all")
+    data = db[4].read_bytes()
+    (folder / "zz_truncated.jpg").write_bytes(data[: len(data) // 3])
+    with caplog.at_level(logging.WARNING):
+        m = build_map([folder], art, tmp_path / "map", progress=False, threads=1)
+    assert m.details["count"] == 4 and m.details["failed"] == 2
+    report = (tmp_path / "map" / REPORT).read_text().splitlines()
+    assert report[0] == "path\terror" and len(report) == 3 and "zz_corrupt.jpg" in report[1]
+    assert any("skipping unreadable image" in r.message for r in caplog.records)
+    # fix one file: `add` retries it, the report shrinks
+    Image.open(db[5]).save(folder / "zz_corrupt.jpg")
+    m, n = add_to_map(tmp_path / "map", [folder], progress=False, threads=1)
+    assert n == 1 and m.details["count"] == 5 and m.details["failed"] == 1
+    assert "zz_corrupt" not in (tmp_path / "map" / REPORT).read_text()
+
+
+def test_refuses_queries_from_another_descriptor_space(art, db, tmp_path):
+    m = build_map(db[:10], art, tmp_path / "map", progress=False, threads=1)
+    other_vocab = write_toy_artifact(tmp_path / "seed1", PRESET, "backbone", seed=1)
+    with pytest.raises(ArtifactError, match="vocabulary hash"):
+        query_map(m.folder, db[:1], artifact=other_vocab, threads=1)
+    boq = write_toy_artifact(tmp_path / "boq", presets.get("boq-resnet50").tiny(), "descriptor")
+    with pytest.raises(ArtifactError, match=r"preset: 'anyloc-dinov2' != 'boq-resnet50'.*descriptor_dim: 192 != 128"):
+        query_map(m.folder, db[:1], artifact=boq, threads=1)
+    with pytest.raises(ArtifactError, match="another space"):
+        add_to_map(m.folder, db[10:12], artifact=boq, progress=False, threads=1)
+    # same space, another artifact folder (e.g. the FP16 or engine twin): accepted
+    twin = shutil.copytree(art, tmp_path / "twin")
+    assert query_map(m.folder, db[:1], artifact=twin, top_k=1, threads=1)[0]["results"][0]["id"] == 0
+
+
+def test_existing_outputs_and_resume_options(art, db, tmp_path):
+    m = build_map(db[:5], art, tmp_path / "map", progress=False, threads=1)
+    with pytest.raises(ArtifactError, match="map add"):
+        build_map(db[:5], art, m.folder, progress=False, threads=1)
+    again = build_map(db[:3], art, m.folder, force=True, progress=False, threads=1)
+    assert again.details["count"] == 3
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "keep.txt").write_text("precious")
+    with pytest.raises(ArtifactError, match="not a map"):
+        build_map(db[:3], art, junk, force=True, progress=False, threads=1)
+    assert (junk / "keep.txt").exists()
+    # an unfinished build is resumed only with the same options
+    unfinished = Map.open(m.folder)
+    unfinished.details["complete"] = False
+    unfinished.manifest.save(m.folder)
+    with pytest.raises(ConfigError, match="same options"):
+        build_map(db[:3], art, m.folder, index="ivfflat", progress=False, threads=1)
+    with pytest.raises(ConfigError, match="index must be"):
+        build_map(db[:3], art, tmp_path / "x", index="hnsw", progress=False)
+
+
+def test_moved_map_needs_model(art, db, tmp_path):
+    moved_art = shutil.copytree(art, tmp_path / "art")
+    m = build_map(db[:4], moved_art, tmp_path / "map", progress=False, threads=1)
+    shutil.rmtree(moved_art)
+    with pytest.raises(ArtifactError, match="pass --model ARTIFACT"):
+        query_map(m.folder, db[:1])
+    assert query_map(m.folder, db[:1], artifact=art, top_k=1, threads=1)[0]["results"][0]["id"] == 0
+
+
+def test_utm_metadata(art, db, tmp_path):
+    folder = tmp_path / "utm"
+    folder.mkdir()
+    for i, p in enumerate(db[:3]):
+        shutil.copy(p, folder / f"@{500000 + 10 * i:.2f}@{4100000.5:.2f}@33@T@@@@@@@@.jpg")
+    shutil.copy(db[3], folder / "no_utm.jpg")
+    m = build_map([folder], art, tmp_path / "map", metadata="utm", progress=False, threads=1)
+    utms = [e["utm"] for e in m.entries()]
+    assert utms[:3] == [[500000.0, 4100000.5], [500010.0, 4100000.5], [500020.0, 4100000.5]] and utms[3] is None
+    res = query_map(m.folder, [folder / f"@{500010:.2f}@{4100000.5:.2f}@33@T@@@@@@@@.jpg"], top_k=1, threads=1)
+    assert res[0]["results"][0]["utm"] == [500010.0, 4100000.5]
+
+
+def test_ivf_indexes(art, db, tmp_path):
+    with pytest.raises(ConfigError, match="ivfpq needs at least 624"):
+        build_map(db[:40], art, tmp_path / "pq", index="ivfpq", progress=False, threads=1)
+    m = build_map(db[:40], art, tmp_path / "ivf", index="ivfflat", progress=False, threads=1)
+    assert m.details["index"]["type"] == "ivfflat" and m.index().ntotal == 40
+
+
+def test_ivfpq_on_synthetic_map(tmp_path):
+    rng = np.random.default_rng(0)
+    n, d = 2500, 64
+    centers = rng.standard_normal((50, d))
+    x = centers[rng.integers(0, 50, n)] + 0.3 * rng.standard_normal((n, d))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    params = map_index.index_params("ivfpq", n, d)
+    assert params == {"type": "ivfpq", "nlist": 64, "nprobe": 8, "m": 32, "nbits": 6}
+    # a synthetic map folder: chunks + manifest, finalised into an IVF-PQ index
+    from vpr_edge.manifest import Manifest
+
+    man = Manifest(
+        kind="map",
+        preset=PRESET.to_dict(),
+        space=PRESET.space(),
+        details={"index": {"type": "ivfpq"}, "complete": False, "dim": d, "metadata": None},
+    )
+    (tmp_path / "m").mkdir()
+    man.save(tmp_path / "m")
+    m = Map.open(tmp_path / "m", require_complete=False)
+    for cid, start in enumerate(range(0, n, 1000)):
+        rows = x[start : start + 1000]
+        m.store.commit(Chunk(cid, [f"img{start + i}.jpg" for i in range(len(rows))], [None] * len(rows), []), rows)
+    m = _finalize(m)
+    index = Map.open(tmp_path / "m").index()
+    assert index.ntotal == n and index.nprobe == 8
+    q = x[rng.choice(n, 200, replace=False)] + 0.05 * rng.standard_normal((200, d)).astype(np.float32)
+    exact = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    _, approx = map_index.search(index, q, 10)
+    recall10 = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+    assert recall10 > 0.5, recall10  # compressed to 32 bytes/vector; exact flat index is the default
+    # serialised and reloaded index gives the same answers
+    _, again = map_index.search(map_index.load_index(tmp_path / "m" / "index.faiss", m.details["index"]), q, 10)
+    assert np.array_equal(again, approx)

@@ -1,0 +1,288 @@
+"""Place-recognition datasets and retrieval metrics with numpy only (no torch, no faiss).
+
+Layouts read by `load_dataset(root)`:
+- Corridor-like: `database/`, `queries/`, `ground_truth.csv` with rows `query,positives` where
+  positives are space-separated database file names.
+- VPR-datasets-downloader (gmberton): `images/test/database` and `images/test/queries` (root may
+  also be the `images/test` folder itself); file names carry UTM as `@east@north@...`; positives
+  are database images within 25 m of the query.
+- VPR-Bench: `query/`, `ref/` and `ground_truth_new.npy`, an object array of rows
+  `[query_index, [ref_indices]]` (indices into the numerically sorted file lists). It is a pickle:
+  only load ground truth you trust.
+
+Images are listed in natural order (numbers inside names compare as numbers), which is also
+VPR-Bench's `int(name)` order for its numeric names and plain sorting for zero-padded names.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from vpr_edge.errors import InputError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+DEFAULT_RADIUS_M = 25.0
+
+
+def _natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Image files in `folder` (supported extensions, natural order); InputError if none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: image folder not found (or not a folder)")
+    it = folder.rglob("*") if recursive else folder.iterdir()
+    files = [p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
+    if not files:
+        raise InputError(f"{folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return sorted(files, key=lambda p: _natural_key(str(p.relative_to(folder))))
+
+
+def parse_utm(filename: str | Path) -> tuple[float, float] | None:
+    """(east, north) from a VPR-datasets-downloader name `@east@north@...`, else None."""
+    parts = Path(filename).name.split("@")
+    if len(parts) < 3:
+        return None
+    try:
+        east, north = float(parts[1]), float(parts[2])
+    except ValueError:
+        return None
+    if not (np.isfinite(east) and np.isfinite(north)):
+        return None
+    return east, north
+
+
+@dataclass
+class Dataset:
+    name: str
+    database: list[Path]
+    queries: list[Path]
+    positives: list[np.ndarray]  # per query: int64 database indices that show the same place
+    layout: str = ""
+    database_utm: np.ndarray | None = field(default=None, repr=False)  # [N, 2] where known
+    queries_utm: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.positives) != len(self.queries):
+            raise InputError(
+                f"dataset {self.name}: {len(self.queries)} queries but {len(self.positives)} ground-truth rows"
+            )
+
+    def summary(self) -> dict:
+        n_pos = [len(p) for p in self.positives]
+        return {
+            "name": self.name,
+            "layout": self.layout,
+            "database": len(self.database),
+            "queries": len(self.queries),
+            "queries_without_positives": int(sum(1 for n in n_pos if n == 0)),
+            "mean_positives": float(np.mean(n_pos)) if n_pos else 0.0,
+        }
+
+
+# -- loaders ------------------------------------------------------------------------------------
+def load_corridor_like(root: str | Path) -> Dataset:
+    root = Path(root)
+    db = list_images(root / "database")
+    qs = list_images(root / "queries")
+    gt = root / "ground_truth.csv"
+    if not gt.exists():
+        raise InputError(f"{gt}: ground truth not found; expected a CSV with rows `query,positives`")
+    db_index = {p.name: i for i, p in enumerate(db)}
+    rows: dict[str, np.ndarray] = {}
+    with gt.open(newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if not header or [h.strip().lower() for h in header[:2]] != ["query", "positives"]:
+            raise InputError(f"{gt}: expected header `query,positives`, got {header}")
+        for line_no, row in enumerate(reader, start=2):
+            if not row or not row[0].strip():
+                continue
+            if len(row) < 2:
+                raise InputError(f"{gt}:{line_no}: expected `query,positives`, got {row}")
+            names = row[1].split()
+            missing = [n for n in names if n not in db_index]
+            if missing:
+                raise InputError(f"{gt}:{line_no}: positives {missing[:3]} are not in {root / 'database'}")
+            rows[row[0].strip()] = np.array(sorted(db_index[n] for n in names), dtype=np.int64)
+    absent = [q.name for q in qs if q.name not in rows]
+    if absent:
+        raise InputError(f"{gt}: no ground-truth row for {len(absent)} queries (e.g. {absent[0]})")
+    return Dataset(root.name, db, qs, [rows[q.name] for q in qs], layout="corridor")
+
+
+def positives_within(db_utm: np.ndarray, q_utm: np.ndarray, radius: float = DEFAULT_RADIUS_M) -> list[np.ndarray]:
+    """Per query, the database indices within `radius` metres (Euclidean in UTM, float64).
+
+    Sort the database by easting, take the easting window by binary search, check the full
+    distance there: exact, and O(Q log N + candidates) without a Q x N matrix."""
+    db = np.asarray(db_utm, dtype=np.float64).reshape(-1, 2)
+    q = np.asarray(q_utm, dtype=np.float64).reshape(-1, 2)
+    order = np.argsort(db[:, 0], kind="stable")
+    east = db[order, 0]
+    lo = np.searchsorted(east, q[:, 0] - radius, side="left")
+    hi = np.searchsorted(east, q[:, 0] + radius, side="right")
+    out = []
+    for i in range(len(q)):
+        cand = order[lo[i] : hi[i]]
+        d2 = np.sum((db[cand] - q[i]) ** 2, axis=1)
+        out.append(np.sort(cand[d2 <= radius * radius]).astype(np.int64))
+    return out
+
+
+def _utms(paths: Sequence[Path], folder: Path) -> np.ndarray:
+    utm = []
+    for p in paths:
+        u = parse_utm(p.name)
+        if u is None:
+            raise InputError(
+                f"{p}: no UTM in the file name; expected `@east@north@...` (VPR-datasets-downloader layout) in {folder}"
+            )
+        utm.append(u)
+    return np.array(utm, dtype=np.float64)
+
+
+def load_vpr_downloader(root: str | Path, radius: float = DEFAULT_RADIUS_M) -> Dataset:
+    root = Path(root)
+    nested = (root / "images" / "test").is_dir()
+    base = root / "images" / "test" if nested else root
+    db = list_images(base / "database", recursive=True)
+    qs = list_images(base / "queries", recursive=True)
+    db_utm, q_utm = _utms(db, base / "database"), _utms(qs, base / "queries")
+    # root may be the dataset folder or its images/test folder; name the dataset either way
+    name = root.name if nested or root.name != "test" else (root.parent.parent.name or root.name)
+    return Dataset(
+        name,
+        db,
+        qs,
+        positives_within(db_utm, q_utm, radius),
+        layout="vpr-datasets-downloader",
+        database_utm=db_utm,
+        queries_utm=q_utm,
+    )
+
+
+def load_vpr_bench(root: str | Path) -> Dataset:
+    root = Path(root)
+    db = list_images(root / "ref")
+    qs = list_images(root / "query")
+    gts = [root / "ground_truth_new.npy", root / "ground_truth.npy"]
+    gt = next((g for g in gts if g.exists()), None)
+    if gt is None:
+        raise InputError(f"{root}: VPR-Bench ground truth not found (looked for {', '.join(g.name for g in gts)})")
+    try:
+        arr = np.load(gt, allow_pickle=True)
+    except (OSError, ValueError, EOFError) as exc:  # pickle errors surface as these for a bad file
+        raise InputError(f"{gt}: unreadable ground truth ({exc})") from None
+    positives: list[np.ndarray | None] = [None] * len(qs)
+    for row_no, row in enumerate(arr):
+        try:
+            qi = int(row[0])
+            refs = np.atleast_1d(np.asarray(row[1], dtype=np.int64))
+        except (TypeError, ValueError, IndexError):
+            raise InputError(f"{gt}: row {row_no} is not [query_index, [ref_indices]]: {row!r}") from None
+        if not 0 <= qi < len(qs):
+            raise InputError(f"{gt}: row {row_no} names query {qi}, but {root / 'query'} has {len(qs)} images")
+        if refs.size and (refs.min() < 0 or refs.max() >= len(db)):
+            raise InputError(f"{gt}: row {row_no} names refs outside 0..{len(db) - 1}")
+        positives[qi] = np.unique(refs)
+    absent = [i for i, p in enumerate(positives) if p is None]
+    if absent:
+        raise InputError(f"{gt}: no ground-truth row for {len(absent)} queries (e.g. index {absent[0]})")
+    return Dataset(root.name, db, qs, positives, layout="vpr-bench")
+
+
+def load_dataset(root: str | Path) -> Dataset:
+    """Detect the layout of `root` and load it (see the module docstring)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: dataset folder not found")
+    if (root / "ground_truth.csv").exists() and (root / "database").is_dir() and (root / "queries").is_dir():
+        return load_corridor_like(root)
+    if (root / "images" / "test" / "database").is_dir() or (
+        (root / "database").is_dir() and (root / "queries").is_dir()
+    ):
+        return load_vpr_downloader(root)
+    if (root / "query").is_dir() and (root / "ref").is_dir():
+        return load_vpr_bench(root)
+    raise InputError(
+        f"{root}: unknown dataset layout; expected database/ + queries/ + ground_truth.csv (Corridor-like), "
+        "images/test/{database,queries} with @east@north@ names (VPR-datasets-downloader), "
+        "or query/ + ref/ + ground_truth_new.npy (VPR-Bench)"
+    )
+
+
+# -- metrics ------------------------------------------------------------------------------------
+def recall_at_k(
+    predictions: np.ndarray, positives: Sequence[np.ndarray], ks: Sequence[int] = (1, 5, 10, 20)
+) -> dict[int, float]:
+    """Fraction of queries with at least one positive among their first k predictions.
+
+    `predictions` [Q, K] database indices, best first. Queries without any positive count as
+    misses (they stay in the denominator). ks larger than K are left out."""
+    pred = np.asarray(predictions)
+    if pred.ndim != 2 or len(pred) != len(positives):
+        raise InputError(f"predictions must be [Q, K] with Q = {len(positives)} queries, got shape {pred.shape}")
+    q, k_max = pred.shape
+    if q == 0:
+        return {k: 0.0 for k in ks if k <= k_max}
+    first_hit = np.full(q, np.iinfo(np.int64).max)
+    for i, pos in enumerate(positives):
+        hits = np.flatnonzero(np.isin(pred[i], pos))
+        if hits.size:
+            first_hit[i] = hits[0]
+    return {int(k): float(np.mean(first_hit < k)) for k in ks if k <= k_max}
+
+
+def retrieval_agreement(a: np.ndarray, b: np.ndarray, k: int | None = None) -> dict[str, float]:
+    """How much two rankings [Q, K] of the same queries agree: same top-1, and mean overlap of
+    the top-k sets (|A_k ∩ B_k| / k)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape[0] != b.shape[0] or a.ndim != 2 or b.ndim != 2:
+        raise InputError(f"rankings must be [Q, K] for the same Q, got {a.shape} and {b.shape}")
+    k = min(k or a.shape[1], a.shape[1], b.shape[1])
+    if len(a) == 0:
+        return {"top1": 0.0, "topk_overlap": 0.0, "k": k}
+    overlap = [len(np.intersect1d(a[i, :k], b[i, :k])) / k for i in range(len(a))]
+    return {"top1": float(np.mean(a[:, 0] == b[:, 0])), "topk_overlap": float(np.mean(overlap)), "k": k}
+
+
+def cosine_stats(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Row-wise cosine similarity between two descriptor sets [n, d]: mean, min, p1, p5, max."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise InputError(f"descriptor sets must have the same [n, d] shape, got {a.shape} and {b.shape}")
+    na = np.maximum(np.linalg.norm(a, axis=1), 1e-12)
+    nb = np.maximum(np.linalg.norm(b, axis=1), 1e-12)
+    cos = np.sum(a * b, axis=1) / (na * nb)
+    if cos.size == 0:
+        return {"n": 0}
+    return {
+        "n": int(cos.size),
+        "mean": float(cos.mean()),
+        "min": float(cos.min()),
+        "p1": float(np.percentile(cos, 1)),
+        "p5": float(np.percentile(cos, 5)),
+        "max": float(cos.max()),
+        "max_abs_diff": float(np.max(np.abs(a - b))),
+    }
+
+
+def rank_database(queries: np.ndarray, database: np.ndarray, k: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k (numpy): indices [Q, k] and scores [Q, k], best first."""
+    sims = np.asarray(queries, dtype=np.float32) @ np.asarray(database, dtype=np.float32).T
+    k = min(k, sims.shape[1])
+    idx = np.argpartition(-sims, kth=k - 1, axis=1)[:, :k]
+    part = np.take_along_axis(sims, idx, axis=1)
+    order = np.argsort(-part, axis=1, kind="stable")
+    idx = np.take_along_axis(idx, order, axis=1)
+    return idx, np.take_along_axis(sims, idx, axis=1)

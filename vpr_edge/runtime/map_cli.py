@@ -1,0 +1,153 @@
+"""`vpr-edge map build|add|query|info`: place-recognition maps on the robot (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from vpr_edge.runtime.describer import BACKENDS
+from vpr_edge.runtime.map_index import INDEX_TYPES
+
+
+def _runtime_options(p: argparse.ArgumentParser, model_required: bool) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument(
+        "--model",
+        type=Path,
+        required=model_required,
+        metavar="ARTIFACT",
+        help="artifact folder written by vpr-export or vpr-edge build-engine"
+        + ("" if model_required else " (default: the one the map was built with)"),
+    )
+    g.add_argument("--batch", type=int, default=8, metavar="N", help="images per forward pass (default 8)")
+    g.add_argument(
+        "--backend", choices=BACKENDS, default="auto", help="auto: TensorRT for engines, ONNX Runtime otherwise"
+    )
+    g.add_argument(
+        "--providers",
+        default=None,
+        metavar="EP[,EP]",
+        help="ONNX Runtime execution providers, e.g. cuda or tensorrt,cuda (default: CPU)",
+    )
+    g.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for ONNX Runtime")
+    g.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay the engine as a CUDA graph")
+
+
+def _describer_kwargs(args) -> dict:
+    return {
+        "backend": args.backend,
+        "providers": args.providers.split(",") if args.providers else None,
+        "threads": args.threads,
+        "cuda_graph": args.cuda_graph,
+    }
+
+
+def register(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("map", help="build, extend, query and inspect place-recognition maps")
+    msub = p.add_subparsers(dest="map_command", metavar="ACTION")
+
+    b = msub.add_parser("build", help="describe images into a map folder (resumable: rerun to continue)")
+    b.add_argument("images", nargs="+", type=Path, metavar="IMAGES", help="image folders and/or files")
+    b.add_argument("--output", "-o", type=Path, required=True, metavar="MAP", help="map folder to write")
+    b.add_argument("--force", action="store_true", help="discard an existing map at --output and rebuild")
+    b.add_argument(
+        "--index",
+        choices=INDEX_TYPES,
+        default="flat",
+        help="flat: exact (default); ivfflat/ivfpq: trained on the map, for large maps",
+    )
+    b.add_argument("--metadata", choices=["utm"], default=None, help="utm: record @east@north@ from file names")
+    b.add_argument("--chunk", type=int, default=256, metavar="N", help="images per committed chunk (default 256)")
+    b.add_argument("--recursive", action="store_true", help="also take images from sub-folders")
+    _runtime_options(b, model_required=True)
+    b.set_defaults(func=_build)
+
+    a = msub.add_parser("add", help="add images to a map (those already in it are skipped)")
+    a.add_argument("map", type=Path, metavar="MAP")
+    a.add_argument("images", nargs="+", type=Path, metavar="IMAGES")
+    a.add_argument("--recursive", action="store_true", help="also take images from sub-folders")
+    _runtime_options(a, model_required=False)
+    a.set_defaults(func=_add)
+
+    q = msub.add_parser("query", help="the most similar map images for each query image")
+    q.add_argument("map", type=Path, metavar="MAP")
+    q.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    q.add_argument("--top-k", type=int, default=5, metavar="K", help="results per query (default 5)")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    _runtime_options(q, model_required=False)
+    q.set_defaults(func=_query)
+
+    i = msub.add_parser("info", help="what a map holds and how it was built")
+    i.add_argument("map", type=Path, metavar="MAP")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=_info)
+
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    return p
+
+
+def _build(args) -> int:
+    from vpr_edge.runtime.maps import build_map
+
+    m = build_map(
+        args.images,
+        args.model,
+        args.output,
+        batch=args.batch,
+        index=args.index,
+        metadata=args.metadata,
+        chunk_size=args.chunk,
+        force=args.force,
+        recursive=args.recursive,
+        **_describer_kwargs(args),
+    )
+    d = m.details
+    print(f"map {m.folder}: {d['count']} images, {d['dim']}-d, index {d['index']['type']}, {d['failed']} unreadable")
+    return 0
+
+
+def _add(args) -> int:
+    from vpr_edge.runtime.maps import add_to_map
+
+    m, n = add_to_map(
+        args.map,
+        args.images,
+        artifact=args.model,
+        batch=args.batch,
+        recursive=args.recursive,
+        **_describer_kwargs(args),
+    )
+    print(f"map {m.folder}: added {n} images, now {m.details['count']}")
+    return 0
+
+
+def _query(args) -> int:
+    from vpr_edge.runtime.maps import query_map
+
+    results = query_map(
+        args.map, args.images, top_k=args.top_k, artifact=args.model, batch=args.batch, **_describer_kwargs(args)
+    )
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        print(r["query"])
+        for hit in r["results"]:
+            utm = f"  utm {hit['utm'][0]:.1f},{hit['utm'][1]:.1f}" if hit.get("utm") else ""
+            print(f"  {hit['rank']:>3}  {hit['score']:.4f}  {hit['file']}{utm}")
+    return 0
+
+
+def _info(args) -> int:
+    from vpr_edge.runtime.maps import Map
+
+    info = Map.open(args.map, require_complete=False).info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        print(f"{key:>10}: {value}")
+    return 0

@@ -1,0 +1,537 @@
+"""Maps: a folder of database descriptors + a faiss index, built resumably from images.
+
+Layout of MAP/:
+  manifest.json     kind "map"; preset/space/hashes copied from the building artifact (so
+                    `Manifest.same_space` compares a map with any artifact), details: artifact
+                    (path, kind, scope, precision, manifest sha256), index parameters, metadata,
+                    chunk_size, complete, count, dim, failed
+  chunks/NNNNNN.npy descriptors of one chunk, float32 [n, dim]
+  chunks/NNNNNN.json the chunk's files (and UTM), and the images that failed to load; written
+                    after the .npy, so its presence is what commits a chunk
+  images.jsonl      one line per descriptor row: {"id", "path", "utm"}
+  index.faiss       faiss index over all rows (ids = row numbers)
+  unreadable.tsv    images that could not be read: path <TAB> error
+
+A build killed at any point loses at most the chunk in progress: rerunning the same command
+skips every committed image and builds the index at the end from all chunks. `add` appends
+chunks the same way (and retries images that were unreadable before).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from vpr_edge.atomic import atomic_file
+from vpr_edge.datasets import list_images, parse_utm
+from vpr_edge.errors import ArtifactError, ConfigError, InputError
+from vpr_edge.manifest import MANIFEST_NAME, Manifest, package_versions, sha256_file
+from vpr_edge.runtime import map_index
+
+log = logging.getLogger(__name__)
+
+CHUNKS = "chunks"
+IMAGES = "images.jsonl"
+INDEX = "index.faiss"
+REPORT = "unreadable.tsv"
+METADATA = (None, "utm")
+
+OnCommit = Callable[[int, int], None]  # (chunk id, images committed so far)
+
+
+# -- chunk store ---------------------------------------------------------------------------------
+@dataclass
+class Chunk:
+    id: int
+    files: list[str]
+    utm: list[list[float] | None]
+    failed: list[dict]
+
+
+class ChunkStore:
+    """Append-only chunks; a chunk exists once its .json (written after its .npy) exists."""
+
+    def __init__(self, folder: Path) -> None:
+        self.dir = Path(folder) / CHUNKS
+
+    def committed(self) -> list[Chunk]:
+        if not self.dir.is_dir():
+            return []
+        out = []
+        for meta_path in sorted(self.dir.glob("[0-9]*.json")):
+            try:
+                meta = json.loads(meta_path.read_text())
+                out.append(Chunk(int(meta["id"]), list(meta["files"]), list(meta["utm"]), list(meta["failed"])))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise ArtifactError(
+                    f"{meta_path}: corrupt chunk record ({exc}); delete it and its .npy to re-encode that chunk"
+                ) from None
+        return sorted(out, key=lambda c: c.id)
+
+    def next_id(self) -> int:
+        chunks = self.committed()
+        return chunks[-1].id + 1 if chunks else 0
+
+    def commit(self, chunk: Chunk, descriptors: np.ndarray) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.dir / f"{chunk.id:06d}.npy", "wb") as fh:
+            np.save(fh, np.ascontiguousarray(descriptors, dtype=np.float32))
+        meta = {
+            "id": chunk.id,
+            "count": len(chunk.files),
+            "files": chunk.files,
+            "utm": chunk.utm,
+            "failed": chunk.failed,
+        }
+        with atomic_file(self.dir / f"{chunk.id:06d}.json", "w") as fh:
+            json.dump(meta, fh)
+
+    def load(self, chunk: Chunk) -> np.ndarray:
+        path = self.dir / f"{chunk.id:06d}.npy"
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(
+                f"{path}: unreadable descriptor chunk ({exc}); delete it and its .json to re-encode"
+            ) from None
+        if arr.ndim != 2 or len(arr) != len(chunk.files):
+            raise ArtifactError(
+                f"{path}: {arr.shape} descriptors for {len(chunk.files)} files; delete it and its .json to re-encode"
+            )
+        return arr
+
+
+# -- the map -------------------------------------------------------------------------------------
+class Map:
+    def __init__(self, folder: Path, manifest: Manifest) -> None:
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.store = ChunkStore(self.folder)
+
+    @classmethod
+    def open(cls, folder: str | Path, require_complete: bool = True) -> "Map":
+        folder = Path(folder)
+        if not (folder / MANIFEST_NAME).exists():
+            raise ArtifactError(f"{folder}: not a map (no {MANIFEST_NAME}); build one with `vpr-edge map build`")
+        man = Manifest.load(folder)
+        if man.kind != "map":
+            raise ArtifactError(f"{folder}: manifest kind is {man.kind!r}, expected 'map'")
+        m = cls(folder, man)
+        if require_complete and not m.complete:
+            raise ArtifactError(
+                f"{folder}: map build did not finish; rerun the same `vpr-edge map build` command to resume it"
+            )
+        return m
+
+    @property
+    def details(self) -> dict:
+        return self.manifest.details
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.details.get("complete"))
+
+    def artifact_path(self, override: str | Path | None = None) -> str:
+        """The artifact to describe images with: `override`, else the one the map was built with."""
+        if override:
+            return str(override)
+        recorded = self.details.get("artifact", {}).get("path", "")
+        if not recorded or not Path(recorded).exists():
+            raise ArtifactError(
+                f"map {self.folder} was built with artifact {recorded or '?'}, which is not on this machine; "
+                "pass --model ARTIFACT (an artifact of the same descriptor space)"
+            )
+        return recorded
+
+    def entries(self) -> list[dict]:
+        path = self.folder / IMAGES
+        if not path.exists():
+            raise ArtifactError(f"{path} is missing; rerun `vpr-edge map build` to finish the map")
+        with path.open() as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+
+    def descriptors(self) -> np.ndarray:
+        chunks = self.store.committed()
+        parts = [self.store.load(c) for c in chunks]
+        dim = int(self.details.get("dim", 0))
+        return np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)
+
+    def index(self):
+        return map_index.load_index(self.folder / INDEX, self.details.get("index"))
+
+    def info(self) -> dict:
+        chunks = self.store.committed()
+        art = self.details.get("artifact", {})
+        size = sum(p.stat().st_size for p in self.folder.rglob("*") if p.is_file())
+        return {
+            "map": str(self.folder),
+            "complete": self.complete,
+            "images": sum(len(c.files) for c in chunks),
+            "unreadable": int(self.details.get("failed", 0)),
+            "dim": self.details.get("dim"),
+            "index": self.details.get("index"),
+            "metadata": self.details.get("metadata"),
+            "chunks": len(chunks),
+            "bytes": size,
+            "preset": self.manifest.space.get("preset"),
+            "artifact": {k: art.get(k) for k in ("path", "kind", "scope", "precision")},
+            "created": self.manifest.created,
+        }
+
+
+def _short_diffs(map_man: Manifest, art_man: Manifest, diffs: list[str], limit: int = 4) -> list[str]:
+    """Manifest.same_space's differences, with nested dicts reduced to the keys that differ."""
+    out = []
+    for line in diffs:
+        key = line.split(":", 1)[0]
+        a, b = map_man.space.get(key), art_man.space.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = [
+                f"{key}.{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)
+            ]
+            out.extend(sub[:limit] + ([f"{key}: {len(sub) - limit} more"] if len(sub) > limit else []))
+        else:
+            out.append(line)
+    return out
+
+
+def _space_refusal(map_man: Manifest, art_man: Manifest, map_folder: Path, artifact: str) -> None:
+    diffs = map_man.same_space(art_man)
+    if diffs:
+        raise ArtifactError(
+            f"{artifact} describes images in another space than map {map_folder} "
+            f"({'; '.join(_short_diffs(map_man, art_man, diffs))}); "
+            "use the artifact the map was built with, or rebuild the map with this one"
+        )
+
+
+def _map_manifest(art, describer, index: str, metadata: str | None, chunk_size: int) -> Manifest:
+    am = art.manifest
+    return Manifest(
+        kind="map",
+        preset=am.preset,
+        space=am.space,
+        hashes=dict(am.hashes),
+        versions=package_versions("numpy", "faiss-cpu", "onnxruntime"),
+        details={
+            "artifact": {
+                "path": str(art.folder.resolve()),
+                "kind": art.kind,
+                "scope": art.scope,
+                "precision": art.precision,
+                "manifest_sha256": sha256_file(art.folder / MANIFEST_NAME),
+            },
+            "index": {"type": index},
+            "metadata": metadata,
+            "chunk_size": chunk_size,
+            "complete": False,
+            "count": 0,
+            "dim": describer.dim,
+            "failed": 0,
+        },
+    )
+
+
+def collect_images(sources: Iterable[str | Path], recursive: bool = False) -> list[Path]:
+    """Files and folders -> absolute image paths, in order, without duplicates."""
+    out: list[Path] = []
+    for s in sources:
+        p = Path(s)
+        if p.is_dir():
+            out.extend(list_images(p, recursive=recursive))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise InputError(f"{p}: no such image file or folder")
+    seen, unique = set(), []
+    for p in out:
+        key = str(p.resolve())
+        if key not in seen:
+            seen.add(key)
+            unique.append(Path(key))
+    return unique
+
+
+def _encode(
+    m: Map,
+    describer,
+    images: Sequence[Path],
+    *,
+    retry_failed: bool,
+    batch: int,
+    chunk_size: int,
+    progress: bool,
+    on_commit: OnCommit | None,
+) -> int:
+    """Encode the images not yet committed, chunk by chunk. Returns how many were encoded."""
+    chunks = m.store.committed()
+    done = {f for c in chunks for f in c.files}
+    if not retry_failed:
+        done |= {f["path"] for c in chunks for f in c.failed}
+    pending = [p for p in images if str(p) not in done]
+    if not pending:
+        return 0
+    want_utm = m.details.get("metadata") == "utm"
+    next_id = chunks[-1].id + 1 if chunks else 0
+    committed = len(done)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(images), initial=len(images) - len(pending), unit="img", desc=f"map {m.folder.name}")
+    encoded = 0
+    try:
+        for start in range(0, len(pending), chunk_size):
+            part = pending[start : start + chunk_size]
+            chunk = Chunk(next_id, [], [], [])
+            descs = []
+            for b in range(0, len(part), batch):
+                xs = []
+                for p in part[b : b + batch]:
+                    try:
+                        xs.append(describer.preprocess(p))
+                    except InputError as exc:
+                        log.warning("skipping unreadable image: %s", exc)
+                        chunk.failed.append({"path": str(p), "error": str(exc)})
+                        continue
+                    chunk.files.append(str(p))
+                    utm = parse_utm(p.name) if want_utm else None
+                    chunk.utm.append(list(utm) if utm else None)
+                if xs:
+                    descs.append(describer.forward(np.stack(xs)))
+                if bar is not None:
+                    bar.update(len(part[b : b + batch]))
+            arr = np.concatenate(descs) if descs else np.zeros((0, describer.dim), dtype=np.float32)
+            m.store.commit(chunk, arr)
+            encoded += len(chunk.files)
+            committed += len(part)
+            next_id += 1
+            if on_commit is not None:
+                on_commit(chunk.id, committed)
+    finally:
+        if bar is not None:
+            bar.close()
+    return encoded
+
+
+def _rows_from(m: Map, chunks: list[Chunk], start: int) -> np.ndarray:
+    """Descriptor rows start.. (reading only the chunks that hold them)."""
+    parts, offset = [], 0
+    for c in chunks:
+        n = len(c.files)
+        if offset + n > start:
+            parts.append(m.store.load(c)[max(0, start - offset) :])
+        offset += n
+    return np.concatenate(parts) if parts else np.zeros((0, int(m.details.get("dim", 0))), dtype=np.float32)
+
+
+def _finalize(m: Map) -> Map:
+    """Index + images.jsonl + report from all committed chunks; mark the map complete."""
+    chunks = m.store.committed()
+    entries, encoded = [], set()
+    for c in chunks:
+        for f, u in zip(c.files, c.utm):
+            entries.append({"id": len(entries), "path": f, "utm": u})
+            encoded.add(f)
+    failed = {f["path"]: f["error"] for c in chunks for f in c.failed if f["path"] not in encoded}
+    report = m.folder / REPORT
+    if failed:
+        with atomic_file(report, "w") as fh:
+            fh.write("path\terror\n")
+            for path, err in failed.items():
+                fh.write(f"{path}\t{err}\n")
+        log.warning("%d unreadable images were skipped; see %s", len(failed), report)
+    elif report.exists():
+        report.unlink()
+    if not entries:
+        raise InputError(f"map {m.folder}: no image could be encoded; see {report}")
+    with atomic_file(m.folder / IMAGES, "w") as fh:
+        for e in entries:
+            fh.write(json.dumps(e) + "\n")
+    missing_utm = sum(1 for e in entries if e["utm"] is None)
+    if m.details.get("metadata") == "utm" and missing_utm:
+        log.warning("%d map images have no @east@north@ UTM in their file names", missing_utm)
+    old = m.details.get("index", {})
+    index_path = m.folder / INDEX
+    index = None
+    if index_path.exists() and old.get("trained_on"):
+        # `add`: rows are only ever appended, so the trained index just takes the new ones
+        index = map_index.load_index(index_path, old)
+        if index.ntotal <= len(entries):
+            map_index.add_to_index(index, _rows_from(m, chunks, index.ntotal))
+        else:
+            index = None
+    if index is None:
+        descs = _rows_from(m, chunks, 0)
+        params = map_index.index_params(old.get("type", "flat"), len(descs), descs.shape[1])
+        index = map_index.build_index(descs, params)
+        params["trained_on"] = len(descs)
+        m.details["index"] = params
+    map_index.save_index(index, index_path)
+    m.details.update({"complete": True, "count": len(entries), "dim": int(index.d), "failed": len(failed)})
+    m.manifest.files = {}
+    m.manifest.add_file(m.folder, INDEX, "index")
+    m.manifest.add_file(m.folder, IMAGES, "images")
+    m.manifest.save(m.folder)
+    return m
+
+
+def build_map(
+    images: Sequence[str | Path],
+    artifact: str | Path,
+    output: str | Path,
+    *,
+    batch: int = 8,
+    index: str = "flat",
+    metadata: str | None = None,
+    chunk_size: int = 256,
+    force: bool = False,
+    recursive: bool = False,
+    describer=None,
+    progress: bool = True,
+    on_commit: OnCommit | None = None,
+    **describer_kwargs,
+) -> Map:
+    """Build (or resume building) a map at `output` from image files/folders."""
+    from vpr_edge.runtime.describer import Describer
+
+    if index not in map_index.INDEX_TYPES:
+        raise ConfigError(f"--index must be one of {map_index.INDEX_TYPES}, got {index!r}")
+    if metadata not in METADATA:
+        raise ConfigError(f"--metadata must be 'utm' or absent, got {metadata!r}")
+    if batch < 1 or chunk_size < 1:
+        raise ConfigError(f"--batch and --chunk must be >= 1, got {batch} and {chunk_size}")
+    out = Path(output)
+    paths = collect_images(images, recursive=recursive)
+    own = describer is None
+    describer = describer or Describer.from_artifact(artifact, **describer_kwargs)
+    try:
+        return _build(
+            out, paths, describer, str(artifact), batch, index, metadata, chunk_size, force, progress, on_commit
+        )
+    finally:
+        if own:
+            describer.close()
+
+
+def _build(out, paths, describer, artifact, batch, index, metadata, chunk_size, force, progress, on_commit) -> Map:
+    art = describer.artifact
+    if (out / MANIFEST_NAME).exists():
+        existing = Map.open(out, require_complete=False)
+        if force:
+            shutil.rmtree(out)
+        elif existing.complete:
+            raise ArtifactError(
+                f"{out} is a finished map; add images with `vpr-edge map add {out} IMAGES` or pass --force to rebuild"
+            )
+        else:
+            _space_refusal(existing.manifest, art.manifest, out, artifact)
+            d = existing.details
+            if d.get("index", {}).get("type") != index or d.get("metadata") != metadata:
+                raise ConfigError(
+                    f"{out}: unfinished build used --index {d.get('index', {}).get('type')} --metadata {d.get('metadata')}; "
+                    "resume with the same options or pass --force to start over"
+                )
+            log.info("resuming the unfinished map build in %s", out)
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ArtifactError(f"{out} exists and is not a map; choose another --output")
+    if not (out / MANIFEST_NAME).exists():
+        out.mkdir(parents=True, exist_ok=True)
+        _map_manifest(art, describer, index, metadata, chunk_size).save(out)
+    m = Map.open(out, require_complete=False)
+    _encode(
+        m,
+        describer,
+        paths,
+        retry_failed=False,
+        batch=batch,
+        chunk_size=chunk_size,
+        progress=progress,
+        on_commit=on_commit,
+    )
+    return _finalize(m)
+
+
+def add_to_map(
+    map_folder: str | Path,
+    images: Sequence[str | Path],
+    *,
+    artifact: str | Path | None = None,
+    batch: int = 8,
+    recursive: bool = False,
+    describer=None,
+    progress: bool = True,
+    on_commit: OnCommit | None = None,
+    **describer_kwargs,
+) -> tuple[Map, int]:
+    """Append images to a map (skipping those already in it). Returns (map, images encoded)."""
+    from vpr_edge.runtime.describer import Describer
+
+    m = Map.open(map_folder, require_complete=False)
+    source = m.artifact_path(artifact)
+    paths = collect_images(images, recursive=recursive)
+    own = describer is None
+    describer = describer or Describer.from_artifact(source, **describer_kwargs)
+    try:
+        _space_refusal(m.manifest, describer.artifact.manifest, m.folder, str(source))
+        m.details["complete"] = False  # an interrupted add leaves the map visibly unfinished
+        m.manifest.save(m.folder)
+        chunk_size = int(m.details.get("chunk_size", 256))
+        n = _encode(
+            m,
+            describer,
+            paths,
+            retry_failed=True,
+            batch=batch,
+            chunk_size=chunk_size,
+            progress=progress,
+            on_commit=on_commit,
+        )
+        return _finalize(m), n
+    finally:
+        if own:
+            describer.close()
+
+
+def query_map(
+    map_folder: str | Path,
+    images: Sequence[str | Path],
+    *,
+    top_k: int = 5,
+    artifact: str | Path | None = None,
+    batch: int = 8,
+    describer=None,
+    **describer_kwargs,
+) -> list[dict]:
+    """Top-k map images for each query image: [{"query", "results": [{"rank", "file", "score", "id", "utm"}]}]."""
+    from vpr_edge.runtime.describer import Describer
+
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {top_k}")
+    m = Map.open(map_folder)
+    source = m.artifact_path(artifact)
+    own = describer is None
+    describer = describer or Describer.from_artifact(source, **describer_kwargs)
+    try:
+        _space_refusal(m.manifest, describer.artifact.manifest, m.folder, str(source))
+        paths = [Path(p) for p in images]
+        q = describer.describe(paths, batch=batch)
+    finally:
+        if own:
+            describer.close()
+    entries = m.entries()
+    scores, ids = map_index.search(m.index(), q, top_k)
+    out = []
+    for path, srow, irow in zip(paths, scores, ids):
+        results = []
+        for rank, (s, i) in enumerate(((s, i) for s, i in zip(srow, irow) if i >= 0), start=1):
+            e = entries[int(i)]
+            results.append({"rank": rank, "file": e["path"], "score": float(s), "id": int(i), "utm": e.get("utm")})
+        out.append({"query": str(path), "results": results})
+    return out
