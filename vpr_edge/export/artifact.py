@@ -60,20 +60,22 @@ class ExportOptions:
 
 
 class _Steps:
-    """Progress of the slow steps, one line each, with timings for the manifest."""
+    """Progress of the slow steps (one line each on stderr), with timings for the manifest."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.times: dict[str, float] = {}
 
     def run(self, name: str, fn, *args, **kwargs):
-        from tqdm import tqdm
+        import sys
 
-        with tqdm(total=1, desc=name, bar_format="{desc}: {elapsed}", disable=not self.enabled) as bar:
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            self.times[name] = round(time.perf_counter() - t0, 3)
-            bar.update(1)
+        if self.enabled:
+            print(f"{name} ...", end="", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.times[name] = round(time.perf_counter() - t0, 3)
+        if self.enabled:
+            print(f" {self.times[name]:.1f} s", file=sys.stderr, flush=True)
         return out
 
 
@@ -220,7 +222,7 @@ def export_artifact(
     vocab_obj = pca_obj = None
     if preset.aggregator.kind == "vlad":
         if vocabulary is None:
-            vocab_obj = steps.run("fitting vocabulary", _fit_vocabulary, preset, backbone, vs, seed, options.progress)
+            vocab_obj = steps.run("fitting vocabulary", _fit_vocabulary, preset, backbone, vs, seed, False)
         else:
             from vpr_edge.models import vocabulary as V
 

@@ -53,6 +53,11 @@ def onnx_from_torch(
             return self.inner(images)
 
     wrapped = _Named(module).eval()
+    # eval() drops eval-time caches (BoQ's query self-attention); recompute them so the graph holds
+    # image-independent results as constants
+    for sub in wrapped.modules():
+        if sub is not wrapped and callable(getattr(sub, "freeze", None)):
+            sub.freeze()
     sink = io.StringIO()
     try:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(sink):
