@@ -44,6 +44,9 @@ def test_every_tiny_preset_exports_and_matches_pytorch(preset, scope, corridor, 
     if scope == "descriptor":
         assert again.outputs[0]["shape"][-1] == preset.descriptor_dim
     if preset.aggregator.kind == "vlad":
+        # fitted on database images outside the verify set (fitting on the verified images makes
+        # residual sums ~0 and intra-normalisation amplifies float noise)
+        assert "outside the verify set" in again.details["vocabulary_source"]
         assert again.files["vocabulary.npz"]["role"] == "vocabulary"
         assert again.hashes["vocabulary"] == again.files["vocabulary.npz"]["sha256"]
 

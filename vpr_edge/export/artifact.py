@@ -122,15 +122,23 @@ def _descriptors_from_features(model, feats: np.ndarray) -> np.ndarray:
         return model.aggregator(torch.from_numpy(feats)).float().numpy()
 
 
+def _fit_set(vs: VerifySet) -> tuple[np.ndarray, str]:
+    if vs.fit_images is not None and len(vs.fit_images):
+        return vs.fit_images, f"{len(vs.fit_images)} {vs.source} images outside the verify set"
+    # nothing else available: the verify database (the manifest says so; fidelity may read worse)
+    return vs.images[vs.db_idx], f"the {len(vs.db_idx)} {vs.source} verify database images"
+
+
 def _fit_vocabulary(preset: Preset, backbone, vs: VerifySet, seed: int, progress: bool):
-    """Map-specific vocabulary from the verify database (AnyLoc's 'map' vocabulary), when none is given."""
+    """Map-specific vocabulary (AnyLoc's 'map' vocabulary) when none is given."""
     from vpr_edge.models import vocabulary as V
 
-    feats = _torch_outputs(backbone, vs.images[vs.db_idx])
+    images, where = _fit_set(vs)
+    feats = _torch_outputs(backbone, images)
     k = preset.aggregator.clusters
     if feats.shape[0] * feats.shape[1] < 4 * k:
         raise ConfigError(
-            f"cannot fit {k} clusters on {feats.shape[0]} verify images; pass --vocabulary or more --verify images"
+            f"cannot fit {k} clusters on {feats.shape[0]} images; pass --vocabulary or more --verify images"
         )
     return V.fit_vocabulary(
         ((str(i), f) for i, f in enumerate(feats)),
@@ -139,15 +147,16 @@ def _fit_vocabulary(preset: Preset, backbone, vs: VerifySet, seed: int, progress
         per_image=feats.shape[1],
         seed=seed,
         progress=progress,
-        source=f"fitted on the {vs.source} verify database ({len(vs.db_idx)} images)",
+        source=f"fitted on {where}",
     )
 
 
 def _fit_pca(preset: Preset, model_no_pca, vs: VerifySet):
     from vpr_edge.models import pca as P
 
-    desc = _torch_outputs(model_no_pca, vs.images[vs.db_idx])
-    return P.fit_pca_whitening(desc, preset=preset, source=f"fitted on the {vs.source} verify database")
+    images, where = _fit_set(vs)
+    desc = _torch_outputs(model_no_pca, images)
+    return P.fit_pca_whitening(desc, preset=preset, source=f"fitted on {where}")
 
 
 def _check_fp32(report: dict) -> list[str]:

@@ -20,6 +20,10 @@ class VerifySet:
     positives: list[np.ndarray] | None  # per query, indices into the database subset
     source: str  # "synthetic" or the folder
     paths: list[str] = field(default_factory=list)
+    # database-like images NOT in the verify set, for fitting a vocabulary/PCA when none is given:
+    # centres fitted on the verified images themselves make some clusters' residual sums ~0, and
+    # intra-normalisation then turns float noise into large descriptor differences
+    fit_images: np.ndarray | None = None
 
     def describe(self) -> dict:
         return {
@@ -28,10 +32,11 @@ class VerifySet:
             "n_database": int(len(self.db_idx)),
             "n_queries": int(len(self.q_idx)),
             "ground_truth": self.positives is not None,
+            "n_fit_images": 0 if self.fit_images is None else int(len(self.fit_images)),
         }
 
 
-def synthetic(pre: Preprocess, n_db: int = 8, seed: int = 0) -> VerifySet:
+def synthetic(pre: Preprocess, n_db: int = 8, seed: int = 0, with_fit: bool = True) -> VerifySet:
     """Smooth random scenes (low-frequency noise) and, as queries, shifted + noisy copies of them."""
     rng = np.random.default_rng(seed)
     h, w = pre.image_size
@@ -46,12 +51,14 @@ def synthetic(pre: Preprocess, n_db: int = 8, seed: int = 0) -> VerifySet:
     mean = np.asarray(pre.mean, np.float32)[:, None, None]
     std = np.asarray(pre.std, np.float32)[:, None, None]
     images = ((raw - mean) / std).astype(np.float32)
+    fit = synthetic(pre, 2 * n_db, seed + 1, with_fit=False).images if with_fit else None
     return VerifySet(
         images=images,
         db_idx=np.arange(n_db),
         q_idx=np.arange(n_db, 2 * n_db),
         positives=[np.array([i]) for i in range(n_db)],
         source="synthetic",
+        fit_images=fit,
     )
 
 
@@ -80,11 +87,18 @@ def from_folder(folder: Path, pre: Preprocess, limit: int = 64) -> VerifySet:
         paths = [ds.database[i] for i in keep_db] + [ds.queries[i] for i in keep_q]
         images = load_batch(paths, pre).numpy()
         n_db = len(keep_db)
-        return VerifySet(images, np.arange(n_db), np.arange(n_db, len(paths)), positives, str(folder), [str(p) for p in paths])
+        rest = [p for i, p in enumerate(ds.database) if i not in set(keep_db.tolist())]
+        fit = load_batch([rest[i] for i in _evenly(len(rest), limit)], pre).numpy() if rest else None
+        return VerifySet(images, np.arange(n_db), np.arange(n_db, len(paths)), positives, str(folder),
+                         [str(p) for p in paths], fit)
     paths = datasets.list_images(folder)
     if len(paths) < 4:
         raise InputError(f"--verify {folder}: found {len(paths)} images, need at least 4 (half database, half queries)")
-    paths = [paths[i] for i in _evenly(len(paths), limit)]
+    keep = set(_evenly(len(paths), limit).tolist())
+    rest = [p for i, p in enumerate(paths) if i not in keep]
+    paths = [p for i, p in enumerate(paths) if i in keep]
     images = load_batch(paths, pre).numpy()
+    fit = load_batch([rest[i] for i in _evenly(len(rest), limit)], pre).numpy() if rest else None
     half = len(paths) // 2
-    return VerifySet(images, np.arange(half), np.arange(half, len(paths)), None, str(folder), [str(p) for p in paths])
+    return VerifySet(images, np.arange(half), np.arange(half, len(paths)), None, str(folder),
+                     [str(p) for p in paths], fit)
