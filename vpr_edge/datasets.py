@@ -200,24 +200,36 @@ def load_vpr_bench(root: str | Path) -> Dataset:
     return Dataset(root.name, db, qs, positives, layout="vpr-bench")
 
 
+def dataset_layout(root: str | Path) -> str | None:
+    """'corridor' | 'vpr-downloader' | 'vpr-bench' when `root` looks like that layout, else None."""
+    root = Path(root)
+    if (root / "ground_truth.csv").exists() and (root / "database").is_dir() and (root / "queries").is_dir():
+        return "corridor"
+    if (root / "images" / "test" / "database").is_dir() or ((root / "database").is_dir() and (root / "queries").is_dir()):
+        return "vpr-downloader"
+    if (root / "query").is_dir() and (root / "ref").is_dir():
+        return "vpr-bench"
+    return None
+
+
+def looks_like_dataset(root: str | Path) -> bool:
+    return Path(root).is_dir() and dataset_layout(root) is not None
+
+
 def load_dataset(root: str | Path) -> Dataset:
     """Detect the layout of `root` and load it (see the module docstring)."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: dataset folder not found")
-    if (root / "ground_truth.csv").exists() and (root / "database").is_dir() and (root / "queries").is_dir():
-        return load_corridor_like(root)
-    if (root / "images" / "test" / "database").is_dir() or (
-        (root / "database").is_dir() and (root / "queries").is_dir()
-    ):
-        return load_vpr_downloader(root)
-    if (root / "query").is_dir() and (root / "ref").is_dir():
-        return load_vpr_bench(root)
-    raise InputError(
-        f"{root}: unknown dataset layout; expected database/ + queries/ + ground_truth.csv (Corridor-like), "
-        "images/test/{database,queries} with @east@north@ names (VPR-datasets-downloader), "
-        "or query/ + ref/ + ground_truth_new.npy (VPR-Bench)"
-    )
+    loader = {"corridor": load_corridor_like, "vpr-downloader": load_vpr_downloader, "vpr-bench": load_vpr_bench}
+    layout = dataset_layout(root)
+    if layout is None:
+        raise InputError(
+            f"{root}: unknown dataset layout; expected database/ + queries/ + ground_truth.csv (Corridor-like), "
+            "images/test/{database,queries} with @east@north@ names (VPR-datasets-downloader), "
+            "or query/ + ref/ + ground_truth_new.npy (VPR-Bench)"
+        )
+    return loader[layout](root)
 
 
 # -- metrics ------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def _run(args) -> int:
         print(f"no --pca: fitting PCA-whitening to {preset.aggregator.pca_dim} on {len(fit_on)} images")
         pca = P.fit_pca_whitening(B.describe_paths(no_pca, fit_on, args.batch, progress), preset=preset,
                                   source=f"map-specific: {args.images}")
-    model = B.VprModel(preset, backbone, B.build_aggregator(preset, vocab, pca, state_dict=release)).eval()
+    model = B.VprModel(preset, backbone, B.build_aggregator(preset, vocab, pca, state_dict=release, seed=args.seed, origin=args.weights)).eval()
     desc = B.describe_paths(model, paths, args.batch, progress)
     if args.output:
         with atomic_file(args.output) as fh:

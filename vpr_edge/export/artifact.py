@@ -246,7 +246,7 @@ def export_artifact(
             from vpr_edge.models import pca as P
 
             pca_obj = pca if isinstance(pca, P.PCAWhitening) else P.load_pca(pca)
-    aggregator = B.build_aggregator(preset, vocab_obj, pca_obj, state_dict=release)
+    aggregator = B.build_aggregator(preset, vocab_obj, pca_obj, state_dict=release, seed=seed, origin=weights)
     model = B.VprModel(preset, backbone, aggregator).eval()
     del release
     if hasattr(model.aggregator, "freeze"):
@@ -297,11 +297,11 @@ def export_artifact(
         if vocab_obj is not None:
             vocab_obj.save(tmp / "vocabulary.npz")
             files_role["vocabulary.npz"] = "vocabulary"
-            hashes["vocabulary"] = sha256_file(tmp / "vocabulary.npz")
+            hashes["vocabulary"] = vocab_obj.fingerprint  # content, not the file (which holds a timestamp)
         if pca_obj is not None:
             pca_obj.save(tmp / "pca.npz")
             files_role["pca.npz"] = "pca"
-            hashes["pca"] = sha256_file(tmp / "pca.npz")
+            hashes["pca"] = pca_obj.fingerprint
         for name in extra:
             files_role.setdefault(name, "precision-report" if name.endswith(".json") else "onnx-extra")
 

@@ -72,18 +72,23 @@ def fetch_release(preset: Preset, weights: str) -> dict | None:
     return W.fetch_state_dict(weights, preset.aggregator.weights)
 
 
-def build_aggregator(preset: Preset, vocabulary=None, pca=None, state_dict=None) -> nn.Module:
+def build_aggregator(
+    preset: Preset, vocabulary=None, pca=None, state_dict=None, seed: int = 0, origin: str = "the BoQ checkpoint"
+) -> nn.Module:
     from vpr_edge.models import gem, pca as P, vlad, vocabulary as V
 
     a = preset.aggregator
     if a.kind == "boq":
         from vpr_edge.models.boq import BoQ
 
+        from vpr_edge.models import weights as W
+
         head = BoQ.from_preset(preset)
         if state_dict is not None:
-            from vpr_edge.models import weights as W
-
-            head.load_release_(W.subdict(state_dict, "aggregator."), origin=str(preset.aggregator.weights.file))
+            _load_boq_head(head, W.subdict(state_dict, "aggregator."), preset, origin)
+        else:
+            # seeded per tensor name, like the backbones: a rebuilt reference gets the same head
+            W.init_random_(head, seed)
         return head
     if a.kind == "vlad":
         if vocabulary is None:
@@ -109,6 +114,17 @@ def build_aggregator(preset: Preset, vocabulary=None, pca=None, state_dict=None)
     return AnyLocHead(pool, head_pca)
 
 
+def _load_boq_head(head: nn.Module, sd: dict, preset: Preset, origin: str) -> None:
+    """Strictly load the `aggregator.*` part of a BoQ release checkpoint."""
+    from vpr_edge.models import weights as W
+
+    w = preset.aggregator.weights
+    expected = {f"aggregator.{k}": tuple(v.shape) for k, v in head.state_dict().items()}
+    W.check_layout({f"aggregator.{k}": v for k, v in sd.items()}, expected, "boq-head", origin=origin,
+                   url=w.url if w else None)
+    head.load_state_dict(sd, strict=True)
+
+
 def build_model(
     preset: Preset, weights: str = "random", vocabulary=None, pca=None, seed: int = 0
 ) -> VprModel:
@@ -116,7 +132,7 @@ def build_model(
     torch.manual_seed(seed)
     release = fetch_release(preset, weights)
     backbone = build_backbone(preset, weights, seed=seed, state_dict=release)
-    aggregator = build_aggregator(preset, vocabulary, pca, state_dict=release)
+    aggregator = build_aggregator(preset, vocabulary, pca, state_dict=release, seed=seed, origin=weights)
     return VprModel(preset, backbone, aggregator).eval()
 
 
