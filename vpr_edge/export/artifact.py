@@ -8,6 +8,7 @@ the output only when verification passed.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -114,12 +115,12 @@ def _torch_outputs(module, images: np.ndarray, batch: int = 8) -> np.ndarray:
         )
 
 
-def _descriptors_from_features(model, feats: np.ndarray) -> np.ndarray:
+def _descriptors_from_features(aggregator, feats: np.ndarray) -> np.ndarray:
     """Backbone-scope artifacts are judged on the descriptors they lead to (same torch aggregator)."""
     import torch
 
     with torch.inference_mode():
-        return model.aggregator(torch.from_numpy(feats)).float().numpy()
+        return aggregator(torch.from_numpy(feats)).float().numpy()
 
 
 def _fit_set(vs: VerifySet) -> tuple[np.ndarray, str]:
@@ -255,16 +256,21 @@ def export_artifact(
     module = model.backbone if options.scope == "backbone" else model
     out_name = "features" if options.scope == "backbone" else "descriptor"
     ref_out = steps.run("PyTorch reference", _torch_outputs, module, vs.images)
-    ref_desc = ref_out if options.scope == "descriptor" else _descriptors_from_features(model, ref_out)
+    aggregator = model.aggregator  # small; the backbone is dropped once the graph is written
+    ref_desc = ref_out if options.scope == "descriptor" else _descriptors_from_features(aggregator, ref_out)
 
     check_disk(output.parent, int(param_bytes(module) * 2.2) + (64 << 20))
     with atomic_dir(output, force=force) as tmp:
-        onnx_path = tmp / "model.onnx"
+        # a lowered artifact holds only its FP16/INT8 graph as model.onnx; FP32 is an intermediate
+        onnx_path = tmp / ("model.onnx" if options.precision == "fp32" else "model.fp32.onnx")
         steps.run("tracing + writing ONNX", onnx_from_torch, module, preset.preprocess.image_size, onnx_path,
                   output_name=out_name, batch=options.batch, opset=options.opset)
+        # ONNX Runtime loads its own copy of the weights: free PyTorch's first (peak ~1x weights, not 2x)
+        del module, model, backbone
+        gc.collect()
         graph_rep = _graph_report(preset, onnx_path)
         ort_out = steps.run("verifying with ONNX Runtime", run_onnx, onnx_path, vs.images, options.batch)
-        ort_desc = ort_out if options.scope == "descriptor" else _descriptors_from_features(model, ort_out)
+        ort_desc = ort_out if options.scope == "descriptor" else _descriptors_from_features(aggregator, ort_out)
         report = fidelity.compare_descriptors(ref_desc, ort_desc, vs.db_idx, vs.q_idx, vs.positives)
         if options.scope == "backbone":
             raw = fidelity.compare_descriptors(ref_out.reshape(len(ref_out), -1), ort_out.reshape(len(ort_out), -1),
@@ -282,13 +288,14 @@ def export_artifact(
 
         precision_details: dict = {}
         if options.precision != "fp32":
-            from vpr_edge.export import lower
+            from vpr_edge.export import precision as P
 
             precision_details = steps.run(
-                f"lowering to {options.precision}", lower.lower_precision, preset, model, onnx_path, vs, ref_desc,
-                options, tmp,
+                f"lowering to {options.precision} + verifying", P.lower_precision, preset, aggregator, onnx_path, vs,
+                ref_desc, options, tmp / "model.onnx",
             )
             verification[options.precision] = precision_details.pop("verification")
+            P.remove_graph(onnx_path)
 
         files_role = {}
         for name in onnx_files(tmp / "model.onnx"):

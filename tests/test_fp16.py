@@ -1,0 +1,179 @@
+"""FP16 in the graph: FP32 islands, I/O types, overflow guard, fidelity on Corridor (ONNX Runtime, CPU).
+
+The model is the toy ViT + hard-VLAD of `vpr_edge.engines.toy`, exported once per test session with
+torch's dynamo exporter (so node metadata is what real exports carry); its VLAD centres are fitted
+on Corridor images like AnyLoc's vocabulary.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxconverter_common")
+
+from vpr_edge.engines import graph as G  # noqa: E402
+from vpr_edge.engines import toy  # noqa: E402
+from vpr_edge.engines.build import verify_images  # noqa: E402
+from vpr_edge.engines.calibration import calibration_images  # noqa: E402
+from vpr_edge.engines.emulate import save_fp16_emulation  # noqa: E402
+from vpr_edge.engines.fp16 import check_fp32_islands, find_fp16_overflow, fp16_from_onnx  # noqa: E402
+from vpr_edge.engines.lower import VerifyData, lower_onnx  # noqa: E402
+from vpr_edge.engines.ortrun import run_onnx  # noqa: E402
+from vpr_edge.errors import ConfigError  # noqa: E402
+from vpr_edge.presets import Preprocess  # noqa: E402
+
+PRE = Preprocess(image_size=(112, 154))
+
+
+@pytest.fixture(scope="module")
+def data(corridor):
+    images, db, q, positives, source = verify_images(PRE, corridor, limit=64)
+    cal, _ = calibration_images(corridor, PRE, limit=48)
+    return VerifyData(images, db, q, positives, source), cal
+
+
+@pytest.fixture(scope="module")
+def toy_path(data):
+    return toy.toy_onnx(fit_images=data[1])
+
+
+def _types(path):
+    model = G.with_shapes(G.load(path))
+    return model, G.tensor_types(model)
+
+
+def _scoped(model, op: str, scope: str) -> list:
+    out = []
+    for n in model.graph.node:
+        meta = {p.key: p.value for p in n.metadata_props}
+        if n.op_type == op and scope in meta.get("pkg.torch.onnx.name_scopes", ""):
+            out.append(n.name)
+    return out
+
+
+def test_blocks_are_mapped_from_dynamo_metadata(toy_path):
+    model = G.load(toy_path)
+    blocks = G.nodes_by_block(model)
+    assert sorted(blocks) == [0, 1, 2, 3]
+    ops = {n.name: n.op_type for n in model.graph.node}
+    for names in blocks.values():
+        kinds = [ops[n] for n in names]
+        assert kinds.count("LayerNormalization") == 2
+        assert kinds.count("Softmax") == 1
+        assert kinds.count("MatMul") == 6  # qkv, QK^T, attn x V, proj, fc1, fc2
+    # node names carry no module path; the mapping really comes from metadata
+    assert not any("blocks" in n for n in ops)
+
+
+def test_fp32_islands_are_fp32_and_the_rest_fp16(toy_path, tmp_path):
+    src = G.load(toy_path)
+    idx = G.GraphIndex.of(src)
+    qk = [n for n, node in idx.nodes.items() if node.op_type == "MatMul" and idx.reaches(n, {"Softmax"})
+          and not idx.is_constant(node.input[1])]
+    assert len(qk) == 4
+    report = fp16_from_onnx(toy_path, tmp_path / "fp16.onnx")
+    for name in qk:
+        assert "QK^T" in report.kept[name]
+    head_ops = {idx.nodes[n].op_type for n, why in report.kept.items() if "head" in why or "VLAD" in why}
+    assert {"ArgMax", "MatMul", "Div"} <= head_ops | {idx.nodes[n].op_type for n in report.kept}
+
+    model, types = _types(tmp_path / "fp16.onnx")
+    nodes = {n.name: n for n in model.graph.node}
+    for n in model.graph.node:
+        if n.op_type in ("LayerNormalization", "Softmax", "ReduceL2", "ArgMax"):
+            assert all(types.get(t) != G.FLOAT16 for t in n.input if t), f"{n.name} reads FP16"
+    for name in qk:
+        assert all(types[t] == G.FLOAT for t in nodes[name].input), name
+    fc1 = _scoped(src, "MatMul", "mlp.fc1'")
+    assert len(fc1) == 4
+    for name in fc1:  # the bulk of the FLOPs runs in FP16, weights stored in FP16
+        assert types[nodes[name].output[0]] == G.FLOAT16
+        weight = next(i for i in model.graph.initializer if i.name == nodes[name].input[1])
+        assert weight.data_type == G.FLOAT16
+    assert check_fp32_islands(model, report.kept) == []
+    assert model.graph.input[0].type.tensor_type.elem_type == G.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == G.FLOAT
+
+
+def test_float16_io(toy_path, data, tmp_path):
+    fp16_from_onnx(toy_path, tmp_path / "io16.onnx", io_dtype="float16")
+    model = G.load(tmp_path / "io16.onnx")
+    assert model.graph.input[0].type.tensor_type.elem_type == G.FLOAT16
+    assert model.graph.output[0].type.tensor_type.elem_type == G.FLOAT16
+    images = data[0].images[:8]
+    ref = run_onnx(toy_path, images)
+    got = run_onnx(tmp_path / "io16.onnx", images)  # run_onnx feeds the session's input type
+    cos = np.sum(ref * got, axis=1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    assert cos.min() > 0.999
+
+
+def test_unknown_keep_names_are_refused(toy_path, tmp_path):
+    with pytest.raises(ConfigError, match="not in"):
+        fp16_from_onnx(toy_path, tmp_path / "x.onnx", keep_fp32={"no_such_node"})
+
+
+def test_fp16_meets_thresholds_on_corridor(toy_path, data, tmp_path):
+    verify, _ = data
+    result = lower_onnx(toy_path, tmp_path / "model.onnx", "fp16", verify)
+    v = result.verification
+    assert v["passed"] and not v["failures"]
+    for name in ("onnxruntime", "fp16_emulation"):
+        rep = v["reports"][name]
+        assert rep["cos_mean"] >= 0.999 and rep["top1_agreement"] >= 0.99 and rep["nonfinite"] == 0
+        assert "R@1_test" in rep and "R@5_ref" in rep
+    assert result.details["fp16"]["fp32_nodes"] > 0
+    assert 0.0 < result.details["high_precision_flops_fraction"] < 0.5
+
+
+def test_overflow_guard_keeps_the_planted_block(toy_path, data, tmp_path):
+    verify, _ = data
+    planted = toy.plant_overflow(toy_path, tmp_path / "planted.onnx", block=2)
+    images = verify.images[:16]
+    flagged = find_fp16_overflow(planted, [images[:8], images[8:]])
+    model = G.load(planted)
+    blocks = G.block_map(model)
+    assert flagged and {blocks.get(n) for n in flagged} == {2}
+    assert set(_scoped(model, "MatMul", "blocks.2.mlp.fc1'")) <= flagged
+
+    # without the guard the FP16 graph overflows (seen by the emulation: ORT's CPU kernels run FP32)
+    fp16_from_onnx(planted, tmp_path / "plain.onnx")
+    save_fp16_emulation(tmp_path / "plain.onnx", tmp_path / "plain_emu.onnx")
+    assert not np.isfinite(run_onnx(tmp_path / "plain_emu.onnx", images)).all()
+
+    fp16_from_onnx(planted, tmp_path / "guarded.onnx", keep_fp32=flagged)
+    save_fp16_emulation(tmp_path / "guarded.onnx", tmp_path / "guarded_emu.onnx")
+    assert np.isfinite(run_onnx(tmp_path / "guarded_emu.onnx", images)).all()
+
+    small = VerifyData(verify.images[::2], np.arange(16), np.arange(16, 32), None, "corridor, every other image")
+    result = lower_onnx(planted, tmp_path / "auto.onnx", "fp16", small, accept_fidelity=True)
+    assert result.details["fp16_overflow"]
+    assert result.verification["report"]["nonfinite"] == 0
+
+
+@pytest.mark.slow
+def test_real_tiny_export_meets_fp16_thresholds(corridor, tmp_path):
+    """The exporter's own tiny AnyLoc artifact (random weights, vocabulary fitted on Corridor).
+
+    Its random-weight rankings on Corridor hold near-ties that plain FP16 reorders for about one
+    query in 32 (measured 0.969-1.0 top-1 agreement), so the gate is reached the way a user would:
+    with --target-agreement, keeping what it takes in FP32."""
+    artifact = pytest.importorskip("vpr_edge.export.artifact")
+    from vpr_edge import presets
+
+    preset = presets.get("anyloc-dinov2@tiny")
+    out = tmp_path / "fp32"
+    artifact.export_artifact(preset, out, weights="random",
+                             options=artifact.ExportOptions(verify=corridor, progress=False))
+    images, db, q, positives, source = verify_images(preset.preprocess, corridor, limit=64)
+    model = G.load(out / "model.onnx")
+    assert G.nodes_by_block(model), "exporter's blocks are not recognised from node metadata"
+    result = lower_onnx(out / "model.onnx", tmp_path / "fp16.onnx", "fp16", VerifyData(images, db, q, positives, source),
+                        target_agreement=0.99)
+    assert result.passed, result.verification["failures"]
+    assert result.details["fallback"]["met"]
+    assert result.verification["report"]["cos_mean"] >= 0.999
+    reasons = result.details["fp16"]["fp32_reasons"]
+    assert any("LayerNorm" in r for r in reasons) and any("QK^T" in r for r in reasons)

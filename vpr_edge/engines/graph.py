@@ -1,0 +1,344 @@
+"""Reading an exported ONNX graph: which transformer block a node belongs to, who feeds whom, FLOPs.
+
+How nodes are mapped to blocks (what torch 2.14's dynamo exporter writes, checked on a ViT):
+node *names* carry no module path (`node_MatMul_7`, `node_layer_norm_3`, `node_softmax`), and
+initializers may be shared between blocks after the exporter's constant deduplication (identical
+LayerNorm weights of different blocks become one tensor). The module path is in each node's
+`metadata_props`:
+
+- `pkg.torch.onnx.name_scopes`: a Python list literal of scopes, outermost first, e.g.
+  `['', 'blocks.0', 'blocks.0.attn', 'blocks.0.attn.qkv', 'linear']`;
+- `namespace`: the same as one string, `': TinyViT/blocks.0: Block/blocks.0.attn: Attn/...'`.
+
+`block_of` reads `name_scopes`, then `namespace`, then falls back to the node name, which the
+TorchScript exporter writes as `/blocks.3/attn/MatMul` (older dynamo versions wrote
+`node_blocks_3_attn_...`). Nodes added by later passes (casts, Q/DQ) carry no metadata, so block
+maps are always computed on the FP32 source graph and used by node name afterwards.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from vpr_edge.errors import ArtifactError
+from vpr_edge.lazy import lazy_import
+
+TWO_GB = 2**31 - 1
+FLOAT, FLOAT16 = 1, 10
+
+# one scope element that *is* a block: "blocks.3", "backbone.blocks.3", "model.trunk.blocks.12"
+_SCOPE_BLOCK = re.compile(r"^(?P<prefix>(?:.*\.)?blocks)\.(?P<idx>\d+)$")
+_NAMESPACE_SPLIT = re.compile(r"/(?=[^/]*: )")
+_NAME_BLOCK = (
+    re.compile(r"(?:^|/)(?P<prefix>(?:[^/]*\.)?blocks)\.(?P<idx>\d+)(?:/|$)"),  # TorchScript: /blocks.3/attn/MatMul
+    re.compile(r"(?:^|_)(?P<prefix>blocks)_(?P<idx>\d+)_"),  # node_blocks_3_attn_...
+)
+
+# ops that move or rescale values without mixing tensors: pattern walks go through them
+PASSTHROUGH = frozenset(
+    {"Mul", "Div", "Add", "Sub", "Where", "Reshape", "Transpose", "Cast", "Identity", "Squeeze", "Unsqueeze",
+     "Expand", "Clip", "Max", "Min", "Flatten", "Gather", "Slice", "Equal", "Neg", "Abs", "Sqrt", "Concat"}
+)
+
+
+def onnx_module():
+    return lazy_import("onnx")
+
+
+def load(path: str | Path, load_weights: bool = True):
+    """Load an ONNX model (external data beside it is read too)."""
+    onnx = onnx_module()
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} not found; expected an ONNX file (export one with vpr-export)")
+    try:
+        return onnx.load(str(path), load_external_data=load_weights)
+    except Exception as exc:  # onnx raises DecodeError/ValueError/OSError depending on the damage
+        raise ArtifactError(f"{path} is not a readable ONNX model ({exc}); re-export it") from exc
+
+
+def save(model: Any, path: str | Path) -> Path:
+    """Save, switching to one external-data file when the protobuf would exceed 2 GB."""
+    onnx = onnx_module()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if model.ByteSize() > TWO_GB:
+        data = path.name + ".data"
+        (path.parent / data).unlink(missing_ok=True)
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+def external_data_files(path: str | Path) -> list[Path]:
+    """External-data files an ONNX file refers to (to copy or hash them with it)."""
+    onnx = onnx_module()
+    model = onnx.load(str(path), load_external_data=False)
+    names = set()
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                names.add(entry.value)
+    return [Path(path).parent / n for n in sorted(names)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Node -> block
+# ---------------------------------------------------------------------------------------------
+
+
+def _meta(node) -> dict[str, str]:
+    return {p.key: p.value for p in node.metadata_props}
+
+
+def _block_from_scopes(scopes: Iterable[str]) -> tuple[str, int] | None:
+    for scope in scopes:
+        m = _SCOPE_BLOCK.match(scope.strip())
+        if m:
+            return m["prefix"], int(m["idx"])
+    return None
+
+
+def block_of(node) -> tuple[str, int] | None:
+    """(module prefix, block index) of the transformer block this node was traced in, else None."""
+    meta = _meta(node)
+    raw = meta.get("pkg.torch.onnx.name_scopes")
+    if raw:
+        try:
+            scopes = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            scopes = None
+        if isinstance(scopes, (list, tuple)):
+            hit = _block_from_scopes(str(s) for s in scopes)
+            if hit:
+                return hit
+    ns = meta.get("namespace")
+    if ns:
+        hit = _block_from_scopes(part.split(":")[0] for part in _NAMESPACE_SPLIT.split(ns))
+        if hit:
+            return hit
+    for pattern in _NAME_BLOCK:
+        m = pattern.search(node.name)
+        if m:
+            return m["prefix"], int(m["idx"])
+    return None
+
+
+def block_map(model) -> dict[str, int]:
+    """Node name -> block index for the graph's main stack of blocks.
+
+    When several module lists are called `blocks` (e.g. a backbone and a head), the one with the
+    most nodes is the transformer the fallback search works on."""
+    by_prefix: dict[str, dict[str, int]] = defaultdict(dict)
+    for node in model.graph.node:
+        hit = block_of(node)
+        if hit:
+            by_prefix[hit[0]][node.name] = hit[1]
+    if not by_prefix:
+        return {}
+    return max(by_prefix.values(), key=len)
+
+
+def nodes_by_block(model) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = defaultdict(list)
+    for name, idx in block_map(model).items():
+        out[idx].append(name)
+    return dict(sorted(out.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph structure
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GraphIndex:
+    """Producer/consumer maps of one (top-level) graph; node names must be unique."""
+
+    nodes: dict[str, Any]
+    producer: dict[str, str]  # tensor -> node name
+    consumers: dict[str, list[str]]  # tensor -> node names
+    initializers: set[str]
+    graph_inputs: set[str]
+    graph_outputs: set[str]
+
+    @classmethod
+    def of(cls, model) -> "GraphIndex":
+        g = model.graph
+        nodes: dict[str, Any] = {}
+        producer: dict[str, str] = {}
+        consumers: dict[str, list[str]] = defaultdict(list)
+        for i, node in enumerate(g.node):
+            if not node.name or node.name in nodes:
+                node.name = f"{node.op_type}_{i}_{node.name}"  # unnamed/duplicate nodes get a stable name
+            nodes[node.name] = node
+            for t in node.output:
+                if t:
+                    producer[t] = node.name
+            for t in node.input:
+                if t:
+                    consumers[t].append(node.name)
+        return cls(
+            nodes=nodes,
+            producer=producer,
+            consumers=dict(consumers),
+            initializers={i.name for i in g.initializer},
+            graph_inputs={i.name for i in g.input},
+            graph_outputs={o.name for o in g.output},
+        )
+
+    def is_constant(self, tensor: str) -> bool:
+        """Initializer or computed only from initializers/Constant nodes (weights after exporter folding)."""
+        seen: set[str] = set()
+        stack = [tensor]
+        while stack:
+            t = stack.pop()
+            if t in seen or t in self.initializers:
+                continue
+            seen.add(t)
+            if t in self.graph_inputs or t not in self.producer:
+                return t in self.initializers
+            node = self.nodes[self.producer[t]]
+            if node.op_type in ("Shape", "Size"):
+                return False
+            stack.extend(i for i in node.input if i)
+        return True
+
+    def downstream(self, starts: Iterable[str]) -> set[str]:
+        """Node names reachable from the outputs of `starts` (excluding the starts themselves)."""
+        seen: set[str] = set()
+        queue = deque(starts)
+        start_set = set(queue)
+        while queue:
+            name = queue.popleft()
+            for t in self.nodes[name].output:
+                for c in self.consumers.get(t, ()):
+                    if c not in seen:
+                        seen.add(c)
+                        queue.append(c)
+        return seen - start_set
+
+    def reaches(self, start: str, targets: set[str], through: frozenset[str] = PASSTHROUGH, depth: int = 6) -> bool:
+        """Does `start`'s output reach a node of op type in `targets` through `through` ops only?"""
+        frontier = [start]
+        for _ in range(depth):
+            nxt = []
+            for name in frontier:
+                for t in self.nodes[name].output:
+                    for c in self.consumers.get(t, ()):
+                        op = self.nodes[c].op_type
+                        if op in targets:
+                            return True
+                        if op in through:
+                            nxt.append(c)
+            frontier = nxt
+            if not frontier:
+                break
+        return False
+
+    def fed_by(self, tensor: str, sources: set[str], through: frozenset[str] = PASSTHROUGH, depth: int = 6) -> bool:
+        """Is `tensor` computed from an op of type in `sources` through `through` ops only?"""
+        frontier = [tensor]
+        for _ in range(depth):
+            nxt = []
+            for t in frontier:
+                name = self.producer.get(t)
+                if name is None:
+                    continue
+                node = self.nodes[name]
+                if node.op_type in sources:
+                    return True
+                if node.op_type in through:
+                    nxt.extend(i for i in node.input if i and i not in self.initializers)
+            frontier = nxt
+            if not frontier:
+                break
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Types, shapes, FLOPs
+# ---------------------------------------------------------------------------------------------
+
+
+def _dims(value_info) -> list[int | None]:
+    tt = value_info.type.tensor_type
+    if not tt.HasField("shape"):
+        return []
+    return [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+
+
+def with_shapes(model):
+    """The model with inferred value_info (a copy; models over 2 GB are returned as they are)."""
+    onnx = onnx_module()
+    if model.ByteSize() > TWO_GB:
+        return model
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # inference is best effort; callers fall back to the exporter's value_info
+        return model
+
+
+def tensor_types(model) -> dict[str, int]:
+    """Tensor name -> ONNX elem type, from inputs, outputs, initializers, value_info and Constant nodes."""
+    out: dict[str, int] = {}
+    g = model.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if vi.type.HasField("tensor_type"):
+            out[vi.name] = vi.type.tensor_type.elem_type
+    for init in g.initializer:
+        out[init.name] = init.data_type
+    for node in g.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    out[node.output[0]] = a.t.data_type
+    return out
+
+
+def tensor_shapes(model) -> dict[str, list[int | None]]:
+    g = model.graph
+    out = {vi.name: _dims(vi) for vi in list(g.input) + list(g.output) + list(g.value_info)}
+    for init in g.initializer:
+        out[init.name] = list(init.dims)
+    return out
+
+
+def _prod(xs: Iterable[int | None]) -> int:
+    p = 1
+    for x in xs:
+        p *= x if x else 1  # symbolic dims (batch) count as 1: FLOPs are per image
+    return p
+
+
+def node_flops(model) -> dict[str, float]:
+    """Multiply-accumulate FLOPs (2*MACs) per image of every MatMul/Gemm/Conv node, from inferred shapes."""
+    shaped = with_shapes(model)
+    shapes = tensor_shapes(shaped)
+    out: dict[str, float] = {}
+    for node in shaped.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Conv"):
+            continue
+        y = shapes.get(node.output[0])
+        a = shapes.get(node.input[0])
+        b = shapes.get(node.input[1]) if len(node.input) > 1 else None
+        if not y or not a:
+            out[node.name] = 0.0
+            continue
+        if node.op_type == "MatMul":
+            k = a[-1] or (b[-2] if b and len(b) >= 2 else 1) or 1
+            out[node.name] = 2.0 * _prod(y) * k
+        elif node.op_type == "Gemm":
+            trans_a = next((x.i for x in node.attribute if x.name == "transA"), 0)
+            k = (a[0] if trans_a else a[-1]) or 1
+            out[node.name] = 2.0 * _prod(y) * k
+        else:  # Conv: weight [Cout, Cin/groups, kh, kw]
+            k = _prod(b[1:]) if b else 1
+            out[node.name] = 2.0 * _prod(y) * k
+    return out

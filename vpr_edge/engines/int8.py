@@ -1,0 +1,317 @@
+"""INT8 in the graph: `Int8FromOnnx`, explicit QuantizeLinear/DequantizeLinear (QDQ) pairs.
+
+What TensorRT's strongly typed INT8 path expects, and what we ask onnxruntime.quantization for:
+- weights: symmetric, per output channel (MatMul [K, N] -> axis 1, Conv [Cout, ...] -> axis 0);
+- activations: symmetric, per tensor (zero point 0), INT8;
+- Q/DQ only around MatMul/Gemm/Conv; biases stay float (TensorRT fuses float bias; `QuantizeBias`
+  off); LayerNorm, Softmax, GELU and everything else run in the graph's float type;
+- not quantised by default: MatMuls of two activations (QK^T and attention x V: no weights, and
+  Softmax outputs in [0, 1] lose most of their 256 levels to the logits' range), and the descriptor
+  head (VLAD assignment/aggregation, PCA, norms), where a flipped argmax moves whole tokens.
+
+Calibration is ORT's (MinMax / Entropy / Percentile over the calibration batches); ranges can be
+cached in a file so the fallback search, which re-quantises with different exclusions, calibrates once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from vpr_edge.engines import graph as G
+from vpr_edge.engines.islands import descriptor_head
+from vpr_edge.errors import ArtifactError, ConfigError
+from vpr_edge.lazy import lazy_import
+
+log = logging.getLogger(__name__)
+
+QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
+CALIBRATION_METHODS = {"max": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+RECOMMENDED_CALIBRATION_IMAGES = 200  # "hundreds": below this the ranges of rare activations are guesses
+MIN_CALIBRATION_IMAGES = 16
+
+
+@dataclass
+class Int8Report:
+    quantized: list[str]
+    excluded: dict[str, str]  # node -> reason (MatMul/Gemm/Conv left in float)
+    calibration: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        reasons: dict[str, int] = {}
+        for why in self.excluded.values():
+            reasons[why] = reasons.get(why, 0) + 1
+        return {
+            "format": "QDQ",
+            "weights": "int8 symmetric per-channel",
+            "activations": "int8 symmetric per-tensor",
+            "quantized_ops": list(QUANTIZED_OPS),
+            "quantized_nodes": len(self.quantized),
+            "excluded_nodes": len(self.excluded),
+            "excluded_reasons": reasons,
+            "excluded_node_names": sorted(self.excluded),
+            "calibration": self.calibration,
+            "warnings": self.warnings,
+        }
+
+
+def calibration_warning(n_images: int) -> str | None:
+    if n_images < RECOMMENDED_CALIBRATION_IMAGES:
+        return (
+            f"calibration uses {n_images} images; give a few hundred ({RECOMMENDED_CALIBRATION_IMAGES}+) images "
+            "from the deployment environment for stable INT8 ranges"
+        )
+    return None
+
+
+def _reader_class():
+    q = lazy_import("onnxruntime.quantization")
+
+    class BatchReader(q.CalibrationDataReader):
+        """Feeds numpy batches [b, 3, H, W] to ORT's calibrator; rewindable so it can be read twice."""
+
+        def __init__(self, batches: list[np.ndarray], input_name: str):
+            self.batches = batches
+            self.input_name = input_name
+            self._it: Iterator[np.ndarray] = iter(self.batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._it, None)
+            return None if batch is None else {self.input_name: batch}
+
+        def rewind(self) -> None:
+            self._it = iter(self.batches)
+
+        def __len__(self) -> int:
+            return len(self.batches)
+
+    return BatchReader
+
+
+def batch_reader(batches: Iterable[np.ndarray], input_name: str = "images"):
+    """A CalibrationDataReader over numpy batches (materialised: calibration sets are hundreds of images)."""
+    return _reader_class()([np.ascontiguousarray(b, dtype=np.float32) for b in batches], input_name)
+
+
+def _uniform_batches(batches: Iterable[np.ndarray], fixed: int | None, method: str) -> list[np.ndarray]:
+    """ORT's histogram calibrators stack per-batch outputs, so batches must all have one size:
+    the graph's static batch (last one padded by repetition), or single images for entropy/percentile."""
+    batches = [np.asarray(b, dtype=np.float32) for b in batches]
+    if not batches:
+        return []
+    if not fixed and (method == "max" or len({len(b) for b in batches}) == 1):
+        return batches
+    images = np.concatenate(batches)
+    step = fixed or 1
+    out = []
+    for start in range(0, len(images), step):
+        b = images[start : start + step]
+        if len(b) < step:
+            b = np.concatenate([b, np.repeat(b[-1:], step - len(b), axis=0)])
+        out.append(b)
+    return out
+
+
+def default_exclusions(model, *, quantize_attention: bool = False) -> dict[str, str]:
+    """MatMul/Gemm/Conv nodes left unquantised by default, with the reason."""
+    idx = G.GraphIndex.of(model)
+    head = descriptor_head(model, idx)
+    out: dict[str, str] = {}
+    for name, node in idx.nodes.items():
+        if node.op_type not in QUANTIZED_OPS:
+            continue
+        if name in head:
+            out[name] = "descriptor head (VLAD/GeM/BoQ/PCA, norms)"
+        elif node.op_type == "MatMul" and not quantize_attention:
+            if not idx.is_constant(node.input[0]) and not idx.is_constant(node.input[1]):
+                out[name] = "activation x activation MatMul (attention)"
+        if name not in out and node.op_type == "MatMul":
+            if idx.reaches(name, {"ArgMax"}):
+                out[name] = "VLAD assignment similarity (feeds ArgMax)"
+    return out
+
+
+def int8_from_onnx(
+    src_onnx: str | Path,
+    dst_onnx: str | Path,
+    calibration: Iterable[np.ndarray] | Any,
+    method: str = "max",
+    exclude_nodes: Iterable[str] | Mapping[str, str] = (),
+    *,
+    quantize_attention: bool = False,
+    calibration_cache: str | Path | None = None,
+    percentile: float = 99.999,
+    calibration_source: str = "",
+) -> Int8Report:
+    """Write a QDQ INT8 copy of `src_onnx` to `dst_onnx`.
+
+    calibration: numpy batches [b, 3, H, W] float32 (preprocessed like the model input) or an
+    onnxruntime CalibrationDataReader. exclude_nodes: extra node names left in float.
+    calibration_cache: a JSON file for ORT's tensor ranges; an existing one is reused (the
+    fallback search quantises many times from one calibration)."""
+    q = lazy_import("onnxruntime.quantization")
+    if method not in CALIBRATION_METHODS:
+        raise ConfigError(f"--calibration-method must be one of {sorted(CALIBRATION_METHODS)}, got {method!r}")
+    src_onnx, dst_onnx = Path(src_onnx), Path(dst_onnx)
+    model = G.load(src_onnx, load_weights=False)
+    G.GraphIndex.of(model)
+    names = {n.name for n in model.graph.node}
+    excluded = default_exclusions(model, quantize_attention=quantize_attention)
+    extra = dict(exclude_nodes) if isinstance(exclude_nodes, Mapping) else {n: "requested" for n in exclude_nodes}
+    unknown = sorted(set(extra) - names)
+    if unknown:
+        raise ConfigError(f"exclude_nodes names nodes not in {src_onnx}: {unknown[:5]}; use names from the FP32 graph")
+    for n, why in extra.items():
+        excluded.setdefault(n, why)
+    targets = [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS]
+    quantized = [n for n in targets if n not in excluded]
+
+    input_name = model.graph.input[0].name
+    if hasattr(calibration, "get_next"):
+        reader = calibration
+        n_images = sum(len(b) for b in getattr(calibration, "batches", [])) or None
+    else:
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+        reader = batch_reader(_uniform_batches(calibration, fixed, method), input_name)
+        n_images = sum(len(b) for b in reader.batches)
+        if n_images == 0 and not (calibration_cache and Path(calibration_cache).is_file()):
+            raise ConfigError("INT8 calibration got no images; pass --calibration DIR with a few hundred images")
+    warnings = []
+    if n_images is not None:
+        w = calibration_warning(n_images)
+        if w:
+            warnings.append(w)
+            log.debug(w)  # returned in the report; the caller says it once (the fallback calls this repeatedly)
+
+    extra_options: dict[str, Any] = {
+        "ActivationSymmetric": True,
+        "WeightSymmetric": True,
+        "QuantizeBias": False,
+        "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1, "Conv": 0, "Gemm": 0},
+        # Q/DQ on inputs only, as TensorRT places them: outputs feed float ops (bias, GELU, residual)
+        "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
+    }
+    if method == "percentile":
+        extra_options["CalibPercentile"] = percentile
+    external = G.external_data_files(src_onnx)
+    big = bool(external) and sum(f.stat().st_size for f in external) > G.TWO_GB // 2
+    dst_onnx.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _quiet_ort():
+            q.quantize_static(
+                str(src_onnx),
+                str(dst_onnx),
+                reader,
+                quant_format=q.QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANTIZED_OPS),
+                per_channel=True,
+                reduce_range=False,
+                activation_type=q.QuantType.QInt8,
+                weight_type=q.QuantType.QInt8,
+                nodes_to_exclude=sorted(excluded),
+                use_external_data_format=big,
+                calibrate_method=getattr(q.CalibrationMethod, CALIBRATION_METHODS[method]),
+                extra_options=extra_options,
+                calibration_cache_path=str(calibration_cache) if calibration_cache else None,
+            )
+    except (ValueError, RuntimeError, TypeError) as exc:  # ORT reports bad inputs/graphs this way
+        raise ArtifactError(f"INT8 quantisation of {src_onnx} failed: {exc}") from exc
+    if not big:
+        _inline_external_data(dst_onnx)
+    problems = check_qdq(G.load(dst_onnx, load_weights=False), quantized)
+    if problems:
+        raise ArtifactError(f"INT8 graph {dst_onnx} is not what TensorRT expects: {problems[:3]}")
+    return Int8Report(
+        quantized=quantized,
+        excluded={n: why for n, why in excluded.items() if n in set(targets)},
+        calibration={
+            "method": method,
+            "ort_method": CALIBRATION_METHODS[method],
+            "images": n_images,
+            "source": calibration_source,
+            **({"percentile": percentile} if method == "percentile" else {}),
+        },
+        warnings=warnings,
+    )
+
+
+class _DropAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-process" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_ort():
+    """ORT's calibrators print progress to stdout and advise pre-processing on the root logger;
+    our pre-processing is the exporter's own, and progress is ours to report."""
+    root = logging.getLogger()
+    flt = _DropAdvice()
+    root.addFilter(flt)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.removeFilter(flt)
+
+
+def _inline_external_data(path: Path) -> None:
+    """ORT may write weights beside the model; small models are kept as one file."""
+    external = G.external_data_files(path)
+    if not external:
+        return
+    onnx = lazy_import("onnx")
+    model = onnx.load(str(path))
+    onnx.save_model(model, str(path))
+    for f in external:
+        f.unlink(missing_ok=True)
+
+
+def check_qdq(model, quantized: Iterable[str]) -> list[str]:
+    """Every quantised node reads its inputs through DequantizeLinear; weights are INT8 per-channel
+    symmetric, activations per-tensor symmetric. Returns problems (empty: as TensorRT expects)."""
+    idx = G.GraphIndex.of(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    problems = []
+
+    def zero_points_zero(dq) -> bool:
+        if len(dq.input) < 3 or not dq.input[2]:
+            return True
+        zp = inits.get(dq.input[2])
+        if zp is None:
+            return False
+        arr = lazy_import("onnx").numpy_helper.to_array(zp)
+        return arr.dtype == np.int8 and not arr.any()
+
+    for name in quantized:
+        node = idx.nodes.get(name)
+        if node is None:
+            problems.append(f"{name}: missing after quantisation")
+            continue
+        for pos, t in enumerate(node.input[:2]):
+            src = idx.producer.get(t)
+            if src is None or idx.nodes[src].op_type != "DequantizeLinear":
+                problems.append(f"{name}: input {pos} is not read through DequantizeLinear")
+                continue
+            dq = idx.nodes[src]
+            if not zero_points_zero(dq):
+                problems.append(f"{name}: input {pos} is not symmetric (non-zero or non-int8 zero point)")
+            scale = inits.get(dq.input[1])
+            weight = dq.input[0] in inits
+            per_channel = scale is not None and len(scale.dims) == 1 and scale.dims[0] > 1
+            if weight and not per_channel and node.op_type != "Gemm":
+                problems.append(f"{name}: weight is not quantised per channel")
+            if not weight:
+                qsrc = idx.producer.get(dq.input[0])
+                if qsrc is None or idx.nodes[qsrc].op_type != "QuantizeLinear":
+                    problems.append(f"{name}: activation input {pos} has no QuantizeLinear before its DequantizeLinear")
+                elif per_channel:
+                    problems.append(f"{name}: activation input {pos} is quantised per channel")
+    return problems
