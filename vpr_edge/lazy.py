@@ -27,6 +27,11 @@ _EXTRA = {
 }
 
 
+def extra_for(module: str) -> str | None:
+    """The vpr-edge extra that installs `module` (None if it is not an optional dependency)."""
+    return _EXTRA.get(module.split(".")[0])
+
+
 def lazy_import(name: str) -> ModuleType:
     """Import `name` or raise a one-line error naming the extra that provides it."""
     try:

@@ -58,6 +58,15 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
             raise
         print(f"vpr-edge: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        from vpr_edge.lazy import extra_for
+
+        extra = extra_for(exc.name or "")
+        if extra is None or args.verbose:
+            raise
+        print(f"vpr-edge: error: `{args.command}` needs {exc.name}, which is not installed; "
+              f"install it with: pip install 'vpr-edge[{extra}]'", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("vpr-edge: interrupted; nothing was written under a final name", file=sys.stderr)
         return 130
