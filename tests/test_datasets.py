@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from vpr_edge.datasets import (
-    cosine_stats,
     list_images,
     load_corridor_like,
     load_dataset,
@@ -16,10 +15,8 @@ from vpr_edge.datasets import (
     load_vpr_downloader,
     parse_utm,
     positives_within,
-    rank_database,
-    recall_at_k,
-    retrieval_agreement,
 )
+from vpr_edge.fidelity import compare_descriptors, rank_database, recall_at_k
 from vpr_edge.errors import InputError
 
 
@@ -158,7 +155,7 @@ def test_recall_at_k_hand_made():
             [0, 1, 2, 3, 4],  # no positives: always a miss
         ]
     )
-    assert recall_at_k(preds, positives, ks=(1, 2, 3, 5, 10)) == {1: 0.25, 2: 0.25, 3: 0.5, 5: 0.5}
+    assert recall_at_k(preds, positives, ks=(1, 2, 3, 5, 10)) == {"R@1": 0.25, "R@2": 0.25, "R@3": 0.5, "R@5": 0.5}
     with pytest.raises(InputError):
         recall_at_k(preds[:2], positives)
 
@@ -166,20 +163,21 @@ def test_recall_at_k_hand_made():
 def test_recall_on_corridor_with_perfect_and_shifted_rankings(corridor):
     ds = load_corridor_like(corridor)
     ideal = np.arange(111)[:, None] + np.zeros((1, 5), dtype=int)
-    assert recall_at_k(ideal, ds.positives, ks=(1,)) == {1: 1.0}
+    assert recall_at_k(ideal, ds.positives, ks=(1,)) == {"R@1": 1.0}
     far = (np.arange(111)[:, None] + 50) % 111 + np.zeros((1, 5), dtype=int)
-    assert recall_at_k(far, ds.positives, ks=(1,)) == {1: 0.0}
+    assert recall_at_k(far, ds.positives, ks=(1,)) == {"R@1": 0.0}
 
 
 def test_agreement_cosine_and_ranking():
-    a = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
-    b = np.array([[1, 3, 2], [5, 4, 0], [7, 0, 0]])
-    agr = retrieval_agreement(a, b, k=2)
-    assert agr["top1"] == pytest.approx(2 / 3) and agr["topk_overlap"] == pytest.approx((0.5 + 1.0 + 0.5) / 3)
-    x = np.random.default_rng(0).standard_normal((5, 8))
-    s = cosine_stats(x, x * 3.0)
-    assert s["mean"] == pytest.approx(1.0) and s["min"] == pytest.approx(1.0) and s["n"] == 5
-    assert cosine_stats(x, -x)["max"] == pytest.approx(-1.0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 8))
     db = x / np.linalg.norm(x, axis=1, keepdims=True)
-    idx, scores = rank_database(db[[3, 1]], db, k=2)
-    assert idx[:, 0].tolist() == [3, 1] and np.all(scores[:, 0] >= scores[:, 1])
+    idx = rank_database(db, db[[3, 1]], k=2)
+    assert idx[:, 0].tolist() == [3, 1]
+    same = compare_descriptors(db, db * 3.0, np.arange(4), np.arange(4, 6))
+    assert same["cos_min"] == pytest.approx(1.0) and same["top1_agreement"] == 1.0
+    # swap one query's descriptor for another's: its ranking changes, the other's does not
+    other = db.copy()
+    other[5] = db[4]
+    rep = compare_descriptors(db, other, np.arange(4), np.arange(4, 6))
+    assert rep["cos_min"] < 1.0 and rep["top1_agreement"] in (0.5, 1.0) and rep["top1_overlap"] <= 1.0

@@ -33,10 +33,20 @@ def rank_database(db: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 
 
 def recall_at_k(ranked: np.ndarray, positives: Sequence[np.ndarray], ks: Sequence[int] = (1, 5, 10, 20)) -> dict[str, float]:
+    """{'R@k': fraction of queries with a positive among their first k}, for ks <= K.
+
+    `ranked` [Q, K] database indices, best first. Queries without any positive count as misses."""
+    ranked = np.asarray(ranked)
+    if ranked.ndim != 2 or len(ranked) != len(positives):
+        from vpr_edge.errors import InputError
+
+        raise InputError(f"rankings must be [Q, K] with Q = {len(positives)} queries, got shape {ranked.shape}")
     out = {}
     for k in ks:
+        if k > ranked.shape[1]:
+            continue
         hits = [np.isin(ranked[i, :k], positives[i]).any() for i in range(len(positives))]
-        out[f"R@{k}"] = float(np.mean(hits)) if hits else float("nan")
+        out[f"R@{k}"] = float(np.mean(hits)) if hits else 0.0
     return out
 
 
