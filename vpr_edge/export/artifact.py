@@ -61,20 +61,38 @@ class ExportOptions:
 
 
 class _Steps:
-    """Progress of the slow steps (one line each on stderr), with timings for the manifest."""
+    """Progress of the slow steps (one line each on stderr), with time and peak RSS per step for the manifest."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.times: dict[str, float] = {}
+        self.peak_rss_gib: dict[str, float] = {}
 
     def run(self, name: str, fn, *args, **kwargs):
         import sys
+        import threading
 
+        import psutil
+
+        proc, peak, done = psutil.Process(), [0], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], proc.memory_info().rss)
+                done.wait(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         if self.enabled:
             print(f"{name} ...", end="", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            done.set()
+            sampler.join()
         self.times[name] = round(time.perf_counter() - t0, 3)
+        self.peak_rss_gib[name] = round(peak[0] / 2**30, 2)
         if self.enabled:
             print(f" {self.times[name]:.1f} s", file=sys.stderr, flush=True)
         return out
@@ -338,6 +356,7 @@ def export_artifact(
                 "pca_source": getattr(pca_obj, "source", None),
                 "graph": graph_rep,
                 "timings_s": steps.times,
+                "peak_rss_gib": steps.peak_rss_gib,
                 **precision_details,
             },
         )
