@@ -12,8 +12,9 @@ from vpr_edge.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
-# protobuf cannot hold more than 2 GB: bigger graphs keep weights in `<name>.data`
-EXTERNAL_DATA_BYTES = 1_800_000_000
+# Weights go to `<name>.data` above this size: protobuf cannot hold more than 2 GB, and below
+# that a single-file save still serialises a second in-memory copy of every weight.
+EXTERNAL_DATA_BYTES = 512 * 2**20
 INPUT_NAME = "images"
 
 
