@@ -98,8 +98,8 @@ def main() -> None:
         r["peak_over_weights"] = round(r["peak_rss_gib"] / (weights_bytes / 2**30), 2)
         r["timings_s"] = m["details"]["timings_s"]
         r["fidelity"] = {k: m["verification"]["fp32"]["report"][k] for k in ("rel_err", "cos_min", "top1_agreement", "top5_agreement")}
-        r["blocks_in_graph"] = [m["details"]["graph"]["blocks"][0], m["details"]["graph"]["blocks"][-1]]
-        r["last_block_ops"] = m["details"]["graph"]["last_block_ops"]
+        r["blocks_in_graph"] = [m["details"]["graph"]["blocks"][0], m["details"]["graph"]["blocks"][-1] + 1]
+        r["facet_block_ops"] = m["details"]["graph"].get("facet_block_ops")
         # latency: ORT on the artifact vs PyTorch eager on the same module, batch 1
         import onnxruntime as ort
 

@@ -237,10 +237,10 @@ def test_cli_vocab_and_pca_fit_on_corridor_with_the_tiny_model(tmp_path, capsys,
     pca_preset = presets.get("anyloc-dinov2-pca").tiny()
     p = tmp_path / "p.npz"
     argv = ["pca", "fit", *map(str, imgs), "--model", pca_preset.name, "--weights", "random", "--vocabulary", str(v),
-            "--dim", "16", "--quiet", "-o", str(p)]  # fmt: skip
+            "--dim", str(pca_preset.aggregator.pca_dim), "--quiet", "-o", str(p)]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     from vpr_edge.models.pca import load_pca
 
     pw = load_pca(p, pca_preset)
     pw.check_for(pca_preset, vocab)
-    assert (pw.in_dim, pw.out_dim) == (pca_preset.without_pca().descriptor_dim, 16)
+    assert (pw.in_dim, pw.out_dim) == (pca_preset.without_pca().descriptor_dim, pca_preset.aggregator.pca_dim)
