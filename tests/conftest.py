@@ -25,3 +25,26 @@ def corridor() -> Path:
     if not (CORRIDOR / "ground_truth.csv").exists():
         pytest.skip(f"Corridor dataset not found at {CORRIDOR} (set VPR_EDGE_CORRIDOR)")
     return CORRIDOR
+
+
+# --- FP16/INT8 tests: Corridor verify/calibration images and the toy ViT + VLAD graph ------------
+
+
+@pytest.fixture(scope="module")
+def data(corridor):
+    from vpr_edge.engines.build import verify_images
+    from vpr_edge.engines.calibration import calibration_images
+    from vpr_edge.engines.lower import VerifyData
+    from vpr_edge.presets import Preprocess
+
+    pre = Preprocess(image_size=(112, 154))
+    images, db, q, positives, source = verify_images(pre, corridor, limit=64)
+    cal, _ = calibration_images(corridor, pre, limit=48)
+    return VerifyData(images, db, q, positives, source), cal
+
+
+@pytest.fixture(scope="module")
+def toy_path(data):
+    from vpr_edge.engines import toy
+
+    return toy.toy_onnx(fit_images=data[1])

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from vpr_edge import presets
 from vpr_edge.cli.main import main
-from vpr_edge.errors import ArtifactError, ConfigError, FidelityError
+from vpr_edge.errors import ArtifactError, FidelityError
 from vpr_edge.export import graph
 from vpr_edge.export.artifact import ExportOptions, export_artifact
 from vpr_edge.manifest import Manifest, sha256_file

@@ -17,7 +17,6 @@ pytest.importorskip("onnxconverter_common")
 from vpr_edge.engines import graph as G  # noqa: E402
 from vpr_edge.engines import toy  # noqa: E402
 from vpr_edge.engines.build import verify_images  # noqa: E402
-from vpr_edge.engines.calibration import calibration_images  # noqa: E402
 from vpr_edge.engines.emulate import save_fp16_emulation  # noqa: E402
 from vpr_edge.engines.fp16 import check_fp32_islands, find_fp16_overflow, fp16_from_onnx  # noqa: E402
 from vpr_edge.engines.lower import VerifyData, lower_onnx  # noqa: E402
@@ -26,18 +25,6 @@ from vpr_edge.errors import ConfigError  # noqa: E402
 from vpr_edge.presets import Preprocess  # noqa: E402
 
 PRE = Preprocess(image_size=(112, 154))
-
-
-@pytest.fixture(scope="module")
-def data(corridor):
-    images, db, q, positives, source = verify_images(PRE, corridor, limit=64)
-    cal, _ = calibration_images(corridor, PRE, limit=48)
-    return VerifyData(images, db, q, positives, source), cal
-
-
-@pytest.fixture(scope="module")
-def toy_path(data):
-    return toy.toy_onnx(fit_images=data[1])
 
 
 def _types(path):

@@ -12,9 +12,7 @@ pytest.importorskip("onnxruntime.quantization")
 from onnx import numpy_helper  # noqa: E402
 
 from vpr_edge.engines import graph as G  # noqa: E402
-from vpr_edge.engines import toy  # noqa: E402
-from vpr_edge.engines.build import verify_images  # noqa: E402
-from vpr_edge.engines.calibration import batches, calibration_images  # noqa: E402
+from vpr_edge.engines.calibration import batches  # noqa: E402
 from vpr_edge.engines.fidelity import compare_outputs  # noqa: E402
 from vpr_edge.engines.int8 import check_qdq, int8_from_onnx  # noqa: E402
 from vpr_edge.engines.lower import VerifyData, lower_onnx  # noqa: E402
@@ -23,18 +21,6 @@ from vpr_edge.errors import ConfigError, FidelityError  # noqa: E402
 from vpr_edge.presets import Preprocess  # noqa: E402
 
 PRE = Preprocess(image_size=(112, 154))
-
-
-@pytest.fixture(scope="module")
-def data(corridor):
-    images, db, q, positives, source = verify_images(PRE, corridor, limit=64)
-    cal, _ = calibration_images(corridor, PRE, limit=48)
-    return VerifyData(images, db, q, positives, source), cal
-
-
-@pytest.fixture(scope="module")
-def toy_path(data):
-    return toy.toy_onnx(fit_images=data[1])
 
 
 @pytest.fixture(scope="module")

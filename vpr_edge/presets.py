@@ -8,7 +8,7 @@ covered by tests that parametrize over the registry.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from vpr_edge.errors import ConfigError

@@ -13,6 +13,8 @@ and match grids.
 from __future__ import annotations
 
 import argparse
+
+from vpr_edge.cli.options import int_list
 from pathlib import Path
 
 from vpr_edge.cli import options as O
@@ -29,15 +31,6 @@ _ONLY = {
 }
 _SHARED = {"queries": ("map", "soak"), "backend": ("dataset", "soak"), "providers": ("dataset", "soak")}
 
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(t) for t in text.replace(" ", "").split(",") if t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,4,8, got {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers like 1,4,8, got {text!r}")
-    return vals
 
 
 def _count(text: str) -> int:
@@ -81,7 +74,7 @@ def register(sub) -> argparse.ArgumentParser:
                    help="weights for the PyTorch reference (default: the artifact's, when it was 'random' or 'auto')")
     d.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="PyTorch device (default auto: cuda if available)")
     d.add_argument("--pytorch-fp16", choices=("auto", "on", "off"), default=None, help="PyTorch FP16 variant (default auto: with CUDA)")
-    d.add_argument("--batches", type=_int_list, default=None, metavar="1,4,8", help="batch sizes timed (default 1,4,8)")
+    d.add_argument("--batches", type=int_list, default=None, metavar="1,4,8", help="batch sizes timed (default 1,4,8)")
     d.add_argument("--runs", type=int, default=None, help="timed batches per batch size (default 50)")
     d.add_argument("--limit", type=int, default=None, metavar="N",
                    help="N evenly spaced queries and a database of their positives filled up to N images")

@@ -23,6 +23,17 @@ def image_size(text: str) -> tuple[int, int]:
     return (vals[0], vals[1])
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    """'1,4,8' -> (1, 4, 8): positive integers (batch sizes and the like)."""
+    try:
+        vals = tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,4,8, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,4,8, got {text!r}")
+    return vals
+
+
 def add_model(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument(

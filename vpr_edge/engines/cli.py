@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import argparse
+
+from vpr_edge.cli.options import int_list
 from pathlib import Path
 
-
-def batch_list(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(t) for t in text.replace(" ", "").split(",") if t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--batch takes sizes like 1 or 1,4,8, got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"--batch takes positive sizes like 1 or 1,4,8, got {text!r}")
-    return sizes
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -31,7 +24,7 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--workspace-gb", type=float, default=4.0, metavar="GB", help="builder workspace limit (default 4)")
     p.add_argument("--opt-level", type=int, default=3, choices=range(0, 6), metavar="0-5",
                    help="builder optimisation level (default 3; higher searches longer)")
-    p.add_argument("--batch", type=batch_list, default=(1,), metavar="1,4,8",
+    p.add_argument("--batch", type=int_list, default=(1,), metavar="1,4,8",
                    help="batch sizes of the optimisation profile: min, opt (middle), max (default 1)")
     p.add_argument("--timing-cache", type=Path, default=None, metavar="FILE", help="timing cache to reuse and update")
     p.add_argument("--version-compatible", action="store_true",

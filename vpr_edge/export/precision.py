@@ -22,10 +22,8 @@ def lower_precision(preset, aggregator, fp32_path: Path, vs, ref_desc: np.ndarra
     if options.calibration is not None:
         calib, calib_info = C.calibration_images(options.calibration, preset.preprocess, progress=options.progress)
         calib_source = str(options.calibration)
-    to_desc = None
-    if options.scope == "backbone":
-        def to_desc(features: np.ndarray) -> np.ndarray:
-            return _descriptors_from_features(aggregator, features)
+    def to_desc(features: np.ndarray) -> np.ndarray:
+        return _descriptors_from_features(aggregator, features)
 
     res = lower_onnx(
         fp32_path,
@@ -33,7 +31,7 @@ def lower_precision(preset, aggregator, fp32_path: Path, vs, ref_desc: np.ndarra
         options.precision,
         VerifyData(vs.images, vs.db_idx, vs.q_idx, vs.positives, vs.source),
         reference=ref_desc,
-        to_descriptors=to_desc,
+        to_descriptors=to_desc if options.scope == "backbone" else None,
         calibration=calib,
         calibration_method=options.calibration_method,
         calibration_source=calib_source,
