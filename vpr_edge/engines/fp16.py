@@ -380,6 +380,18 @@ def _version(dist: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _tensor_bytes_per_item(model) -> dict[str, int]:
+    """Bytes of each float tensor per batch item, from inferred shapes (symbolic dims count as 1)."""
+    out = {}
+    for vi in model.graph.value_info:
+        dims = vi.type.tensor_type.shape.dim
+        n = 1
+        for d in dims[1:] if dims else ():
+            n *= d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
+        out[vi.name] = 4 * n
+    return out
+
+
 def fp16_overflow_scan(
     fp32_onnx: str | Path,
     inputs: Iterable[np.ndarray],
@@ -387,6 +399,7 @@ def fp16_overflow_scan(
     keep_fp32: Iterable[str] | None = None,
     threshold: float = OVERFLOW_FRACTION * FP16_MAX,
     max_outputs_per_run: int | None = None,
+    memory_budget: int = 1 << 30,
 ) -> dict[str, dict[str, Any]]:
     """Run the FP32 graph with intermediate tensors exposed; return the tensors that would be FP16
     and exceed `threshold` or are non-finite: tensor -> {producer, consumers, max_abs, nonfinite}.
@@ -414,11 +427,27 @@ def fp16_overflow_scan(
     if not batches:
         raise ConfigError("fp16 overflow scan needs at least one input batch")
     stats: dict[str, dict[str, Any]] = {}
-    step = max_outputs_per_run or len(candidates) or 1
     input_name = model.graph.input[0].name
     existing = {o.name for o in model.graph.output}
-    for start in range(0, len(candidates), step):
-        chunk = [t for t in candidates[start : start + step] if t not in existing]
+    if max_outputs_per_run:
+        chunks = [candidates[i : i + max_outputs_per_run] for i in range(0, len(candidates), max_outputs_per_run)]
+    else:
+        # every exposed tensor stays alive until the run ends: a full-size ViT exposes ~2 GB per image,
+        # so group tensors into passes of at most `memory_budget` bytes for the largest batch
+        per_item = _tensor_bytes_per_item(G.with_shapes(model))
+        rows = max(int(b.shape[0]) for b in batches)
+        chunks, cur, size = [], [], 0
+        for t in candidates:
+            b = per_item.get(t, 16 << 20) * rows  # unknown shape: assume a large tensor
+            if cur and size + b > memory_budget:
+                chunks.append(cur)
+                cur, size = [], 0
+            cur.append(t)
+            size += b
+        if cur:
+            chunks.append(cur)
+    for chunk in chunks:
+        chunk = [t for t in chunk if t not in existing]
         probe = type(model)()
         probe.CopyFrom(model)
         for t in chunk:

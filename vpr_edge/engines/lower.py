@@ -147,7 +147,8 @@ def lower_onnx(
             overflow: dict[str, str] = {}
             if overflow_guard:
                 probe = verify.images if calibration is None else np.concatenate([verify.images, calibration])
-                flagged = fp16_overflow_scan(fp32_onnx, _rebatch(probe, fixed))
+                # one image per run: every intermediate tensor is exposed (bounded per pass by the scan)
+                flagged = fp16_overflow_scan(fp32_onnx, _rebatch(probe, fixed, size=1))
                 for t, info in flagged.items():
                     for n in [info["producer"], *info["consumers"]]:
                         if n:
