@@ -67,12 +67,21 @@ def save(model: Any, path: str | Path) -> Path:
     onnx = onnx_module()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if model.ByteSize() > TWO_GB:
+    def external() -> None:
         data = path.name + ".data"
         (path.parent / data).unlink(missing_ok=True)
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
-    else:
+
+    # margin below protobuf's 2 GB: ByteSize() is the payload, serialisation needs a little more
+    if model.ByteSize() > TWO_GB * 0.8:
+        external()
+        return path
+    try:
         onnx.save_model(model, str(path))
+    except (ValueError, Exception) as exc:  # protobuf EncodeError near the limit
+        if "serialize" not in str(exc).lower() and "2gb" not in str(exc).lower():
+            raise
+        external()
     return path
 
 
