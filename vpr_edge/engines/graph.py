@@ -62,6 +62,16 @@ def load(path: str | Path, load_weights: bool = True):
         raise ArtifactError(f"{path} is not a readable ONNX model ({exc}); re-export it") from exc
 
 
+def over_size(model: Any, limit: int) -> bool:
+    """Whether the serialised model exceeds `limit` bytes (protobuf refuses to even size one over 2 GB)."""
+    try:
+        return model.ByteSize() > limit
+    except Exception as exc:  # google.protobuf.message.EncodeError
+        if "serialize" in str(exc).lower():
+            return True
+        raise
+
+
 def save(model: Any, path: str | Path) -> Path:
     """Save, switching to one external-data file when the protobuf would exceed 2 GB."""
     onnx = onnx_module()
@@ -73,7 +83,7 @@ def save(model: Any, path: str | Path) -> Path:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
 
     # margin below protobuf's 2 GB: ByteSize() is the payload, serialisation needs a little more
-    if model.ByteSize() > TWO_GB * 0.8:
+    if over_size(model, int(TWO_GB * 0.8)):
         external()
         return path
     try:
@@ -286,7 +296,7 @@ def _dims(value_info) -> list[int | None]:
 def with_shapes(model):
     """The model with inferred value_info (a copy; models over 2 GB are returned as they are)."""
     onnx = onnx_module()
-    if model.ByteSize() > TWO_GB:
+    if over_size(model, TWO_GB):
         return model
     try:
         return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
