@@ -345,7 +345,7 @@ def fp16_from_onnx(
     _restore_fp32_outputs(model)
     _fuse_cast_roundtrips(model)
     _set_io_dtypes(model, in_dt, out_dt)
-    if model.ByteSize() <= G.TWO_GB:
+    if not G.over_size(model, G.TWO_GB):
         try:
             onnx.checker.check_model(model, full_check=True)
         except Exception as exc:  # onnx raises ValidationError / InferenceError
