@@ -174,11 +174,25 @@ def _drop_dead_nodes(model, only_ops: set[str]) -> None:
             g.node.remove(n)
 
 
+def _cast_output(model, idx, src, name: str, suffix: str, to: int, cast_name: str) -> None:
+    """Rename graph output `name` inside the graph to name+suffix and re-create it through a Cast(to)."""
+    helper = lazy_import("onnx").helper
+    inner = f"{name}{suffix}"
+    for i, t in enumerate(src.output):
+        if t == name:
+            src.output[i] = inner
+    for cname in idx.consumers.get(name, []):
+        c = idx.nodes[cname]
+        for i, t in enumerate(c.input):
+            if t == name:
+                c.input[i] = inner
+    model.graph.node.append(helper.make_node("Cast", [inner], [name], to=to, name=cast_name))
+
+
 def _restore_fp32_outputs(model) -> None:
     """When the node producing a graph output is kept in FP32, the converter casts its output to FP16
     and retypes the graph output itself (its keep_io_types then sees no FP32 output to protect).
     Undo that: the output stays FP32, exactly as the kept node computed it."""
-    helper = lazy_import("onnx").helper
     idx = G.GraphIndex.of(model)
     types = G.tensor_types(model)
     for out in model.graph.output:
@@ -189,16 +203,7 @@ def _restore_fp32_outputs(model) -> None:
         if to is not None and types.get(src.input[0]) == G.FLOAT:
             to.i = G.FLOAT  # the converter's Cast16 of an FP32 value becomes a no-op cast
         else:
-            inner = f"{out.name}__fp16"
-            for i, t in enumerate(src.output):
-                if t == out.name:
-                    src.output[i] = inner
-            for cname in idx.consumers.get(out.name, []):
-                c = idx.nodes[cname]
-                for i, t in enumerate(c.input):
-                    if t == out.name:
-                        c.input[i] = inner
-            model.graph.node.append(helper.make_node("Cast", [inner], [out.name], to=G.FLOAT, name=f"cast32_{out.name}"))
+            _cast_output(model, idx, src, out.name, "__fp16", G.FLOAT, f"cast32_{out.name}")
         out.type.tensor_type.elem_type = G.FLOAT
 
 
@@ -234,16 +239,7 @@ def _set_io_dtypes(model, input_dtype: str, output_dtype: str) -> None:
                 continue
             idx = G.GraphIndex.of(model)
             src = idx.nodes[idx.producer[out.name]]
-            inner = f"{out.name}__fp32"
-            for i, t in enumerate(src.output):
-                if t == out.name:
-                    src.output[i] = inner
-            for cname in idx.consumers.get(out.name, []):
-                c = idx.nodes[cname]
-                for i, t in enumerate(c.input):
-                    if t == out.name:
-                        c.input[i] = inner
-            g.node.append(helper.make_node("Cast", [inner], [out.name], to=G.FLOAT16, name=f"cast16_{out.name}"))
+            _cast_output(model, idx, src, out.name, "__fp32", G.FLOAT16, f"cast16_{out.name}")
             out.type.tensor_type.elem_type = G.FLOAT16
     if input_dtype == "float16" or output_dtype == "float16":
         _topological_sort(model)
