@@ -230,3 +230,8 @@ def load_dataset(root: str | Path) -> Dataset:
             "or query/ + ref/ + ground_truth_new.npy (VPR-Bench)"
         )
     return loader[layout](root)
+
+
+def evenly_spaced(n: int, limit: int) -> np.ndarray:
+    """At most `limit` indices spread evenly over range(n) (all of them when n <= limit)."""
+    return np.unique(np.linspace(0, n - 1, num=min(n, limit)).round().astype(np.int64)) if n else np.zeros(0, np.int64)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from vpr_edge.datasets import evenly_spaced
 from vpr_edge import fidelity
 from vpr_edge.benchmarks.measure import RssSampler, gpu_process_memory_mb, percentiles
 from vpr_edge.benchmarks.variants import PYTORCH_FP32, OpenedVariant, VariantSpec, open_variant
@@ -89,21 +90,17 @@ class Subset:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _evenly(n: int, count: int) -> np.ndarray:
-    return np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
-
-
 def select_subset(ds, limit: int | None) -> Subset:
     """`limit` evenly spaced queries; the database keeps every positive of those queries and is
     filled with evenly spaced other images up to `limit` (so recall stays meaningful on a sample)."""
     info = {"dataset": ds.summary(), "limited": False}
     if limit is None or (limit >= len(ds.queries) and limit >= len(ds.database)):
         return Subset(ds.name, list(ds.database), list(ds.queries), list(ds.positives), info)
-    q_idx = _evenly(len(ds.queries), limit)
+    q_idx = evenly_spaced(len(ds.queries), limit)
     keep = np.unique(np.concatenate([ds.positives[i] for i in q_idx] + [np.zeros(0, np.int64)])).astype(np.int64)
     if len(keep) < limit:
         others = np.setdiff1d(np.arange(len(ds.database)), keep)
-        keep = np.union1d(keep, others[_evenly(len(others), limit - len(keep))] if len(others) else others)
+        keep = np.union1d(keep, others[evenly_spaced(len(others), limit - len(keep))] if len(others) else others)
     new_of = {int(old): new for new, old in enumerate(keep)}
     positives = [np.array([new_of[int(p)] for p in ds.positives[i]], dtype=np.int64) for i in q_idx]
     info.update({"limited": True, "limit": limit, "query_indices": q_idx.tolist(), "database_indices": keep.tolist()})

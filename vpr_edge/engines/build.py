@@ -310,21 +310,21 @@ def verify_images(pre, folder: Path | None, limit: int = 32):
         vs = verify_set.synthetic(pre)
         return vs.images, vs.db_idx, vs.q_idx, vs.positives, vs.source
     from vpr_edge import datasets
-    from vpr_edge.engines.calibration import _evenly
+    from vpr_edge.datasets import evenly_spaced
     from vpr_edge.runtime.preprocess import preprocess_image
 
     folder = Path(folder)
     if (folder / "database").is_dir():
         ds = datasets.load_dataset(folder)
-        keep_db = _evenly(len(ds.database), limit // 2)
+        keep_db = evenly_spaced(len(ds.database), limit // 2)
         remap = {old: new for new, old in enumerate(keep_db)}
-        keep_q = _evenly(len(ds.queries), limit - len(keep_db))
+        keep_q = evenly_spaced(len(ds.queries), limit - len(keep_db))
         positives = [np.asarray([remap[int(p)] for p in ds.positives[i] if int(p) in remap]) for i in keep_q]
         paths = [ds.database[i] for i in keep_db] + [ds.queries[i] for i in keep_q]
         n_db = len(keep_db)
     else:
         all_paths = datasets.list_images(folder)
-        paths = [all_paths[i] for i in _evenly(len(all_paths), limit)]
+        paths = [all_paths[i] for i in evenly_spaced(len(all_paths), limit)]
         n_db, positives = len(paths) // 2, None
     images = np.stack([preprocess_image(p, pre) for p in paths])
     return images, np.arange(n_db), np.arange(n_db, len(paths)), positives, str(folder)

@@ -11,13 +11,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from vpr_edge.errors import InputError
+from vpr_edge.datasets import evenly_spaced
 from vpr_edge.presets import Preprocess
-
-
-def _evenly(n: int, limit: int) -> list[int]:
-    if n <= limit:
-        return list(range(n))
-    return sorted(set(np.linspace(0, n - 1, num=limit).round().astype(int).tolist()))
 
 
 def calibration_images(folder: str | Path, pre: Preprocess, *, limit: int = 512, progress: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
@@ -32,7 +27,7 @@ def calibration_images(folder: str | Path, pre: Preprocess, *, limit: int = 512,
     if not folder.is_dir():
         raise InputError(f"--calibration {folder}: not a folder; give a folder of images from the deployment environment")
     paths = datasets.list_images(folder, recursive=True)
-    chosen = [paths[i] for i in _evenly(len(paths), limit)]
+    chosen = [paths[i] for i in evenly_spaced(len(paths), limit)]
     h, w = pre.image_size
     out = np.empty((len(chosen), 3, h, w), dtype=np.float32)
     for i, p in enumerate(tqdm(chosen, desc="calibration images", disable=not progress)):

@@ -62,10 +62,6 @@ def synthetic(pre: Preprocess, n_db: int = 8, seed: int = 0, with_fit: bool = Tr
     )
 
 
-def _evenly(n: int, limit: int) -> np.ndarray:
-    return np.unique(np.linspace(0, n - 1, num=min(n, limit)).round().astype(int))
-
-
 def from_folder(folder: Path, pre: Preprocess, limit: int = 64) -> VerifySet:
     """A dataset root (database/ + queries/, with ground truth) or a plain folder of images
     (first half database, second half queries, no ground truth). At most `limit` images."""
@@ -77,10 +73,10 @@ def from_folder(folder: Path, pre: Preprocess, limit: int = 64) -> VerifySet:
         raise InputError(f"--verify {folder}: not a folder; give a folder of images or a dataset root")
     if (folder / "database").is_dir() or (folder / "images").is_dir() or (folder / "ref").is_dir():
         ds = datasets.load_dataset(folder)
-        keep_db = _evenly(len(ds.database), limit // 2)
+        keep_db = datasets.evenly_spaced(len(ds.database), limit // 2)
         remap = {int(old): new for new, old in enumerate(keep_db)}
         keep_q, positives = [], []
-        for qi in _evenly(len(ds.queries), limit - len(keep_db)):
+        for qi in datasets.evenly_spaced(len(ds.queries), limit - len(keep_db)):
             pos = [remap[int(p)] for p in ds.positives[qi] if int(p) in remap]
             keep_q.append(qi)
             positives.append(np.asarray(pos, dtype=np.int64))
@@ -88,17 +84,17 @@ def from_folder(folder: Path, pre: Preprocess, limit: int = 64) -> VerifySet:
         images = load_batch(paths, pre).numpy()
         n_db = len(keep_db)
         rest = [p for i, p in enumerate(ds.database) if i not in set(keep_db.tolist())]
-        fit = load_batch([rest[i] for i in _evenly(len(rest), limit)], pre).numpy() if rest else None
+        fit = load_batch([rest[i] for i in datasets.evenly_spaced(len(rest), limit)], pre).numpy() if rest else None
         return VerifySet(images, np.arange(n_db), np.arange(n_db, len(paths)), positives, str(folder),
                          [str(p) for p in paths], fit)
     paths = datasets.list_images(folder)
     if len(paths) < 4:
         raise InputError(f"--verify {folder}: found {len(paths)} images, need at least 4 (half database, half queries)")
-    keep = set(_evenly(len(paths), limit).tolist())
+    keep = set(datasets.evenly_spaced(len(paths), limit).tolist())
     rest = [p for i, p in enumerate(paths) if i not in keep]
     paths = [p for i, p in enumerate(paths) if i in keep]
     images = load_batch(paths, pre).numpy()
-    fit = load_batch([rest[i] for i in _evenly(len(rest), limit)], pre).numpy() if rest else None
+    fit = load_batch([rest[i] for i in datasets.evenly_spaced(len(rest), limit)], pre).numpy() if rest else None
     half = len(paths) // 2
     return VerifySet(images, np.arange(half), np.arange(half, len(paths)), None, str(folder),
                      [str(p) for p in paths], fit)

@@ -234,7 +234,7 @@ class VisionTransformer(nn.Module):
         """
         if not 0 <= num_blocks <= len(self.blocks):
             raise ConfigError(f"cannot cut {len(self.blocks)} blocks to {num_blocks}")
-        with torch.device("meta"):  # placeholders, replaced by the shared ones below
+        with torch.device("meta"):  # an empty shell: its modules are the shared ones assigned below
             cut = VisionTransformer(self.spec, num_blocks=0, include_norm=False)
         cut.patch_embed = self.patch_embed
         cut.cls_token = self.cls_token
