@@ -1,8 +1,11 @@
 """Full-size export measurement (issue 3): `anyloc-dinov2` on CPU with random weights.
 
-For each scope: wall time and peak RSS of the whole `vpr-export` process (sampled every 50 ms over
-its process tree), the FP32 weight bytes the graph needs (blocks 0..31 qkv), the ratio of the two,
-the artifact size; then ORT vs PyTorch eager latency per image at batch 1 on the same machine.
+For each scope and weights source: wall time and peak RSS of the whole `vpr-export` process
+(sampled every 50 ms over its process tree: the CLI and its PyTorch worker), the FP32 weight bytes
+the graph needs (blocks 0..31 qkv), the ratio of the two, the artifact size; then (random rows) ORT
+vs PyTorch eager latency per image at batch 1 on the same machine. Weights sources: `random`
+(seeded in the process) and `file` (random weights saved in the official dinov2 layout, all 40
+blocks, 4.2 GiB: the path a user with the downloaded checkpoint takes).
 
     python benchmarks/export_anyloc.py --output benchmarks/results/export_anyloc
 
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,6 +68,7 @@ def main() -> None:
     ap.add_argument("--verify-limit", type=int, default=8)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--scopes", default="backbone,descriptor")
+    ap.add_argument("--weights", default="random,file", help="comma list of: random, file")
     args = ap.parse_args()
 
     import torch
@@ -86,12 +91,24 @@ def main() -> None:
         "scopes": {},
     }
     work = Path(tempfile.mkdtemp(prefix="vpr-bench-"))
-    for scope in args.scopes.split(","):
-        out = work / scope
+    sources = args.weights.split(",")
+    if "file" in sources:
+        ckpt = work / f"{args.model}-random-official-layout.pth"
+        # in a separate process so this one does not keep the 4.2 GiB model while exports are measured
+        subprocess.run([sys.executable, "-c", (
+            "import sys; from vpr_edge import presets; from vpr_edge.models import weights as W; "
+            "spec = presets.get(sys.argv[1]).backbone; "
+            "W.save_official(W.init_random_(W.build_for_layout(spec, 'dinov2'), 0), sys.argv[2], 'dinov2')"),
+            args.model, str(ckpt)], check=True)
+        results["checkpoint_gib"] = round(ckpt.stat().st_size / 2**30, 2)
+    for source, scope in [(w, s) for w in sources for s in args.scopes.split(",")]:
+        out = work / f"{source}-{scope}"
+        weights = "random" if source == "random" else str(ckpt)
         cmd = [sys.executable, "-m", "vpr_edge.cli.main", "export", "--quiet", "--model", args.model, "--weights",
-               "random", "--scope", scope, "--verify", str(CORRIDOR), "--verify-limit", str(args.verify_limit),
+               weights, "--scope", scope, "--verify", str(CORRIDOR), "--verify-limit", str(args.verify_limit),
                "--output", str(out)]
         r = run_measured(cmd)
+        r["weights"] = source
         m = json.loads((out / "manifest.json").read_text())
         r["command"] = "vpr-export " + " ".join(cmd[4:])
         r["artifact_gib"] = round(sum(f["bytes"] for f in m["files"].values()) / 2**30, 2)
@@ -100,24 +117,30 @@ def main() -> None:
         r["fidelity"] = {k: m["verification"]["fp32"]["report"][k] for k in ("rel_err", "cos_min", "top1_agreement", "top5_agreement")}
         r["blocks_in_graph"] = [m["details"]["graph"]["blocks"][0], m["details"]["graph"]["blocks"][-1] + 1]
         r["facet_block_ops"] = m["details"]["graph"].get("facet_block_ops")
+        r["step_peak_rss_gib"] = m["details"]["peak_rss_gib"]
+        r.pop("log_tail")
+        results["scopes"][f"{scope} ({source} weights)"] = r
+        print(json.dumps({scope: r}, indent=1))
+        if source != "random":
+            shutil.rmtree(out)
+            continue
         # latency: ORT on the artifact vs PyTorch eager on the same module, batch 1
         import onnxruntime as ort
 
         x = np.zeros((1, 3, *preset.preprocess.image_size), np.float32)
         sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-        r["ort"] = latency(lambda a: sess.run(None, {"images": a}), x, 1, args.runs)
+        r["ort"] = latency(lambda a, run=sess.run: run(None, {"images": a}), x, 1, args.runs)
         del sess
         from vpr_edge.models import vocabulary as V
 
         vocab = V.load_vocabulary(out / "vocabulary.npz") if (out / "vocabulary.npz").exists() else None
         model = B.build_model(preset, "random", vocabulary=vocab) if scope == "descriptor" else B.build_feature_model(preset)
         with torch.inference_mode():
-            r["torch"] = latency(lambda a: model(torch.from_numpy(a)), x, 1, args.runs)
+            r["torch"] = latency(lambda a, fn=model: fn(torch.from_numpy(a)), x, 1, args.runs)
         del model
         r["ort_speedup"] = round(r["torch"]["median_ms"] / r["ort"]["median_ms"], 2)
-        r.pop("log_tail")
-        results["scopes"][scope] = r
-        print(json.dumps({scope: r}, indent=1))
+        shutil.rmtree(out)
+    shutil.rmtree(work)
     write(results, args.output)
 
 
@@ -140,25 +163,35 @@ def write(results: dict, out: Path) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s, r in results["scopes"].items():
+        lat = (f"{r['ort']['median_ms']} | {r['torch']['median_ms']} | {r['ort_speedup']}x" if "ort" in r
+               else "- | - | -")
         lines.append(
             f"| {s} | {r['wall_s']} | {r['peak_rss_gib']} | {r['peak_over_weights']} | {r['artifact_gib']} | "
-            f"{r['blocks_in_graph'][0]}..{r['blocks_in_graph'][1]} | {r['ort']['median_ms']} | {r['torch']['median_ms']} | "
-            f"{r['ort_speedup']}x | {r['fidelity']['rel_err']:.1e} | {r['fidelity']['top5_agreement']:.2f} |"
+            f"{r['blocks_in_graph'][0]}..{r['blocks_in_graph'][1]} | {lat} | "
+            f"{r['fidelity']['rel_err']:.1e} | {r['fidelity']['top5_agreement']:.2f} |"
         )
-    lines += ["", "Step timings (s) per scope: " + "; ".join(f"{s}: {r['timings_s']}" for s, r in results["scopes"].items()), ""]
+    if "checkpoint_gib" in results:
+        lines += ["", f"`file` rows load a {results['checkpoint_gib']} GiB checkpoint in the official dinov2 layout "
+                      "(random weights, all 40 blocks)."]
+    lines += ["", "Peak RSS per step (GiB; PyTorch steps run in the worker process, the last in the CLI process):", ""]
+    lines += [f"- {s}: {r['step_peak_rss_gib']}" for s, r in results["scopes"].items()]
+    lines += ["", "Step timings (s):", ""]
+    lines += [f"- {s}: {r['timings_s']}" for s, r in results["scopes"].items()]
+    lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines))
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
     scopes = list(results["scopes"])
-    ax[0].bar(scopes, [results["scopes"][s]["peak_rss_gib"] for s in scopes], color="tab:blue", label="peak RSS")
+    lat_scopes = [s for s in scopes if "ort" in results["scopes"][s]]
+    ax[0].bar([s.replace(" (", "\n(") for s in scopes], [results["scopes"][s]["peak_rss_gib"] for s in scopes], color="tab:blue", label="peak RSS")
     ax[0].axhline(results["weights_fp32_gib"], color="k", ls="--", label="FP32 weights")
     ax[0].axhline(1.3 * results["weights_fp32_gib"], color="tab:red", ls=":", label="1.3x weights")
     ax[0].set_ylabel("GiB")
     ax[0].legend(fontsize=7)
     w = 0.35
-    xs = np.arange(len(scopes))
-    ax[1].bar(xs - w / 2, [results["scopes"][s]["torch"]["median_ms"] for s in scopes], w, label="PyTorch eager")
-    ax[1].bar(xs + w / 2, [results["scopes"][s]["ort"]["median_ms"] for s in scopes], w, label="ONNX Runtime")
-    ax[1].set_xticks(xs, scopes)
+    xs = np.arange(len(lat_scopes))
+    ax[1].bar(xs - w / 2, [results["scopes"][s]["torch"]["median_ms"] for s in lat_scopes], w, label="PyTorch eager")
+    ax[1].bar(xs + w / 2, [results["scopes"][s]["ort"]["median_ms"] for s in lat_scopes], w, label="ONNX Runtime")
+    ax[1].set_xticks(xs, [s.replace(" (", "\n(") for s in lat_scopes])
     ax[1].set_ylabel("ms / image (batch 1)")
     ax[1].legend(fontsize=7)
     fig.suptitle(f"{results['model']} export on CPU")

@@ -133,6 +133,33 @@ def test_existing_output_needs_force(tmp_path):
     assert (out / "manifest.json").exists() and not (out / "keep.txt").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name,scope", [("anyloc-dinov2", "descriptor"), ("boq-dinov2", "backbone")])
+def test_torch_worker_gives_the_in_process_artifact(name, scope, tmp_path, corridor):
+    """The worker process (on for full-size presets) writes the same graph and reference as in-process;
+    for BoQ backbone scope the parent rebuilds the same head from the worker's state."""
+    p = presets.get(name).tiny()
+    limit = 24 if p.aggregator.pca_dim else 12
+    runs = {}
+    for mode in ("off", "on"):
+        out = tmp_path / mode
+        runs[mode] = export_artifact(p, out, options=_opts(corridor, scope=scope, verify_limit=limit, torch_worker=mode))
+        assert runs[mode].details["torch_worker"] is (mode == "on")
+    a, b = runs["off"], runs["on"]
+    assert a.hashes == b.hashes  # same weights, vocabulary and PCA content
+    assert a.verification["fp32"]["report"] == b.verification["fp32"]["report"]
+    assert set(b.details["timings_s"]) >= {"building model", "PyTorch reference", "tracing + writing ONNX",
+                                           "verifying with ONNX Runtime"}
+
+
+def test_torch_worker_error_is_one_line_and_leaves_nothing(capsys, tmp_path):
+    """An error raised in the worker reaches the CLI as the same one-line error."""
+    code, err = _cli(capsys, "--model", "anyloc-dinov2@tiny", "--weights", str(tmp_path / "nope.pth"),
+                     "--torch-worker", "on", "--output", str(tmp_path / "a"))
+    assert code != 0 and "nope.pth" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "a").exists() and list(tmp_path.iterdir()) == []
+
+
 # --- errors through the CLI: one line, non-zero exit, nothing half-written ---------------------
 
 

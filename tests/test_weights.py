@@ -64,6 +64,36 @@ def test_strict_round_trip(name, layout, tmp_path):
     _equal_state(loaded.state_dict(), src.state_dict())
 
 
+def _mapped_file(ptr: int) -> str | None:
+    """The file backing address `ptr` in this process (Linux /proc/self/maps), None if anonymous."""
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= ptr < hi:
+                return parts[5] if len(parts) > 5 else None
+    return None
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux /proc/self/maps")
+def test_checkpoint_weights_are_mapped_not_copied(tmp_path):
+    """A zip-format checkpoint is memory-mapped and the model takes its tensors (no second copy of
+    ViT-G's weights in RAM); legacy-format files still load (read, not mapped)."""
+    spec = _spec("anyloc-dinov2")
+    src = _model(spec, "dinov2")
+    path = W.save_official(src, tmp_path / "g.pth", "dinov2")
+    loaded = W.load_backbone(spec, str(path))
+    w = loaded.blocks[0].attn.qkv.weight
+    assert _mapped_file(w.data_ptr()) == str(path)
+    assert isinstance(w, torch.nn.Parameter) and w.requires_grad  # a student can still train through it
+    _equal_state(loaded.state_dict(), src.state_dict())
+    legacy = tmp_path / "legacy.pth"
+    torch.save(torch.load(path, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    again = W.load_backbone(spec, str(legacy))
+    assert _mapped_file(again.blocks[0].attn.qkv.weight.data_ptr()) != str(legacy)
+    _equal_state(again.state_dict(), src.state_dict())
+
+
 def test_official_keys_of_each_layout():
     g = W.official_layout(_spec("anyloc-dinov2"), "dinov2")
     assert "blocks.0.mlp.w12.weight" in g and "blocks.0.mlp.w3.bias" in g and "mask_token" in g

@@ -1,26 +1,24 @@
 """The export job: preset -> verified ONNX artifact folder with its manifest.
 
-Steps (each named for what it makes): reference model -> verify set -> vocabulary/PCA (given or
-fitted on the verify database) -> ONNX (FP32) -> graph checks -> ONNX Runtime vs PyTorch ->
-optional FP16/INT8 graph -> manifest. Everything is written in a temporary folder that replaces
-the output only when verification passed.
+Steps (each named for what it makes): the torch half (export.torch_side: verify set, reference model,
+vocabulary/PCA given or fitted, reference outputs, FP32 ONNX; in a worker process for full-size
+models) -> graph checks -> ONNX Runtime vs PyTorch -> optional FP16/INT8 graph -> manifest.
+Everything is written in a temporary folder that replaces the output only when verification passed.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from vpr_edge import fidelity
-from vpr_edge.atomic import atomic_dir, check_disk
+from vpr_edge.atomic import atomic_dir
 from vpr_edge.errors import ArtifactError, ConfigError, FidelityError
 from vpr_edge.export import graph
-from vpr_edge.export.verify_set import VerifySet
+from vpr_edge.export.steps import Steps
 from vpr_edge.manifest import Manifest, package_versions, sha256_file
 from vpr_edge.presets import Preset
 
@@ -46,6 +44,10 @@ class ExportOptions:
     io_dtype: str = "float32"
     engine: bool = False
     progress: bool = True
+    torch_worker: str = "auto"  # on | off | auto (on for full-size presets, off for tiny test configs)
+
+    def uses_worker(self, preset: Preset) -> bool:
+        return self.torch_worker == "on" or (self.torch_worker == "auto" and not preset.tiny_of)
 
     def check(self, preset: Preset) -> None:
         if self.precision not in PRECISIONS:
@@ -56,46 +58,10 @@ class ExportOptions:
             raise ConfigError(f"--opset must be >= 17 (LayerNormalization as one node), got {self.opset}")
         if self.batch is not None and self.batch < 1:
             raise ConfigError(f"--batch must be a positive number or 'dynamic', got {self.batch}")
+        if self.torch_worker not in ("auto", "on", "off"):
+            raise ConfigError(f"--torch-worker must be auto, on or off, got {self.torch_worker!r}")
         if self.verify_limit < 4:
             raise ConfigError(f"--verify-limit must be >= 4, got {self.verify_limit}")
-
-
-class _Steps:
-    """Progress of the slow steps (one line each on stderr), with time and peak RSS per step for the manifest."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.times: dict[str, float] = {}
-        self.peak_rss_gib: dict[str, float] = {}
-
-    def run(self, name: str, fn, *args, **kwargs):
-        import sys
-        import threading
-
-        import psutil
-
-        proc, peak, done = psutil.Process(), [0], threading.Event()
-
-        def sample():
-            while not done.is_set():
-                peak[0] = max(peak[0], proc.memory_info().rss)
-                done.wait(0.05)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        if self.enabled:
-            print(f"{name} ...", end="", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        try:
-            out = fn(*args, **kwargs)
-        finally:
-            done.set()
-            sampler.join()
-        self.times[name] = round(time.perf_counter() - t0, 3)
-        self.peak_rss_gib[name] = round(peak[0] / 2**30, 2)
-        if self.enabled:
-            print(f" {self.times[name]:.1f} s", file=sys.stderr, flush=True)
-        return out
 
 
 def _ort_session(path: Path):
@@ -115,60 +81,6 @@ def run_onnx(path: Path, images: np.ndarray, batch: int | None) -> np.ndarray:
     from vpr_edge.engines.ortrun import run_onnx as run
 
     return run(_ort_session(path), images, batch_size=batch or 8)
-
-
-def _torch_outputs(module, images: np.ndarray, batch: int = 8) -> np.ndarray:
-    import torch
-
-    with torch.inference_mode():
-        return np.concatenate(
-            [module(torch.from_numpy(images[i : i + batch])).float().numpy() for i in range(0, len(images), batch)]
-        )
-
-
-def _descriptors_from_features(aggregator, feats: np.ndarray) -> np.ndarray:
-    """Backbone-scope artifacts are judged on the descriptors they lead to (same torch aggregator)."""
-    import torch
-
-    with torch.inference_mode():
-        return aggregator(torch.from_numpy(feats)).float().numpy()
-
-
-def _fit_set(vs: VerifySet) -> tuple[np.ndarray, str]:
-    if vs.fit_images is not None and len(vs.fit_images):
-        return vs.fit_images, f"{len(vs.fit_images)} {vs.source} images outside the verify set"
-    # nothing else available: the verify database (the manifest says so; fidelity may read worse)
-    return vs.images[vs.db_idx], f"the {len(vs.db_idx)} {vs.source} verify database images"
-
-
-def _fit_vocabulary(preset: Preset, backbone, vs: VerifySet, seed: int, progress: bool):
-    """Map-specific vocabulary (AnyLoc's 'map' vocabulary) when none is given."""
-    from vpr_edge.models import vocabulary as V
-
-    images, where = _fit_set(vs)
-    feats = _torch_outputs(backbone, images)
-    k = preset.aggregator.clusters
-    if feats.shape[0] * feats.shape[1] < 4 * k:
-        raise ConfigError(
-            f"cannot fit {k} clusters on {feats.shape[0]} images; pass --vocabulary or more --verify images"
-        )
-    return V.fit_vocabulary(
-        ((str(i), f) for i, f in enumerate(feats)),
-        preset=preset,
-        k=k,
-        per_image=feats.shape[1],
-        seed=seed,
-        progress=progress,
-        source=f"fitted on {where}",
-    )
-
-
-def _fit_pca(preset: Preset, model_no_pca, vs: VerifySet):
-    from vpr_edge.models import pca as P
-
-    images, where = _fit_set(vs)
-    desc = _torch_outputs(model_no_pca, images)
-    return P.fit_pca_whitening(desc, preset=preset, source=f"fitted on {where}")
 
 
 def _check_fp32(report: dict) -> list[str]:
@@ -220,69 +132,33 @@ def export_artifact(
     seed: int = 0,
 ) -> Manifest:
     """Export, verify and write the artifact folder `output`; return its manifest."""
-    from vpr_edge.export import verify_set
-    from vpr_edge.export.onnx_from_torch import onnx_files, onnx_from_torch, param_bytes
-    from vpr_edge.models import build as B
+    from vpr_edge.export import torch_side as T
+    from vpr_edge.export.onnx_from_torch import onnx_files
 
     options.check(preset)
     output = Path(output)
     if output.exists() and not force:
         raise ArtifactError(f"{output} already exists; pass --force to overwrite it or choose another --output")
-    steps = _Steps(options.progress)
-
-    vs = steps.run(
-        "verify images",
-        lambda: verify_set.from_folder(options.verify, preset.preprocess, options.verify_limit)
-        if options.verify
-        else verify_set.synthetic(preset.preprocess, seed=seed),
-    )
-    release = B.fetch_release(preset, weights)
-    backbone = steps.run("building model", B.build_backbone, preset, weights, seed, release)
-    backbone.eval()
+    steps = Steps(options.progress)
     hashes: dict[str, str | None] = {"weights": _weights_hash(weights), "vocabulary": None, "pca": None}
-    vocab_obj = pca_obj = None
-    if preset.aggregator.kind == "vlad":
-        if vocabulary is None:
-            vocab_obj = steps.run("fitting vocabulary", _fit_vocabulary, preset, backbone, vs, seed, False)
-        else:
-            from vpr_edge.models import vocabulary as V
+    in_worker = options.uses_worker(preset)
 
-            vocab_obj = vocabulary if isinstance(vocabulary, V.Vocabulary) else V.load_vocabulary(vocabulary)
-    if preset.aggregator.pca_dim:
-        if pca is None:
-            no_pca = B.VprModel(
-                preset, backbone, B.build_aggregator(preset.without_pca(), vocab_obj)
-            ).eval()
-            pca_obj = steps.run("fitting PCA", _fit_pca, preset, no_pca, vs)
-        else:
-            from vpr_edge.models import pca as P
-
-            pca_obj = pca if isinstance(pca, P.PCAWhitening) else P.load_pca(pca)
-    aggregator = B.build_aggregator(preset, vocab_obj, pca_obj, state_dict=release, seed=seed, origin=weights)
-    model = B.VprModel(preset, backbone, aggregator).eval()
-    del release
-    if hasattr(model.aggregator, "freeze"):
-        model.aggregator.freeze()  # BoQ: image-independent query self-attention becomes a constant
-
-    module = model.backbone if options.scope == "backbone" else model
-    out_name = "features" if options.scope == "backbone" else "descriptor"
-    ref_out = steps.run("PyTorch reference", _torch_outputs, module, vs.images)
-    aggregator = model.aggregator  # small; the backbone is dropped once the graph is written
-    ref_desc = ref_out if options.scope == "descriptor" else _descriptors_from_features(aggregator, ref_out)
-
-    check_disk(output.parent, int(param_bytes(module) * 2.2) + (64 << 20))
     with atomic_dir(output, force=force) as tmp:
         # a lowered artifact holds only its FP16/INT8 graph as model.onnx; FP32 is an intermediate
         onnx_path = tmp / ("model.onnx" if options.precision == "fp32" else "model.fp32.onnx")
-        steps.run("tracing + writing ONNX", onnx_from_torch, module, preset.preprocess.image_size, onnx_path,
-                  output_name=out_name, batch=options.batch, opset=options.opset)
-        # ONNX Runtime loads its own copy of the weights; drop ours first. Measured on ViT-G, about 1x of
-        # torch-side memory still stays resident after this (issue 3's note: trace in a worker process next).
-        del module, model, backbone
-        gc.collect()
+        run_torch = T.torch_side_in_worker if in_worker else T.torch_side
+        side = run_torch(preset, weights, vocabulary, pca, options, seed, onnx_path)
+        steps.merge(side.times, side.peak_rss_gib)
+        vs, vocab_obj, pca_obj = side.verify, side.vocabulary, side.pca
+        ref_out, ref_desc = side.reference, side.reference_desc
+        aggregator = None  # rebuilt (torch imported) only when backbone-scope outputs need it, after ORT ran
         graph_rep = _graph_report(preset, onnx_path)
         ort_out = steps.run("verifying with ONNX Runtime", run_onnx, onnx_path, vs.images, options.batch)
-        ort_desc = ort_out if options.scope == "descriptor" else _descriptors_from_features(aggregator, ort_out)
+        if options.scope == "backbone":
+            aggregator = T.head_from_state(preset, side, seed, weights)
+            ort_desc = T.descriptors_from_features(aggregator, ort_out)
+        else:
+            ort_desc = ort_out
         report = fidelity.compare_descriptors(ref_desc, ort_desc, vs.db_idx, vs.q_idx, vs.positives)
         if options.scope == "backbone":
             raw = fidelity.compare_descriptors(ref_out.reshape(len(ref_out), -1), ort_out.reshape(len(ort_out), -1),
@@ -349,6 +225,7 @@ def export_artifact(
                 "vocabulary_source": vocab_obj.meta.get("source") if vocab_obj is not None else None,
                 "pca_source": pca_obj.meta.get("source") if pca_obj is not None else None,
                 "graph": graph_rep,
+                "torch_worker": in_worker,
                 "timings_s": steps.times,
                 "peak_rss_gib": steps.peak_rss_gib,
                 **precision_details,

@@ -48,6 +48,9 @@ def register(sub) -> None:
                    help="keep the fewest blocks in higher precision so top-1 agreement with FP32 reaches F")
     q.add_argument("--io-dtype", choices=("float32", "float16"), default="float32", help="FP16 graph input/output type")
     q.add_argument("--engine", action="store_true", help="also build a TensorRT engine (needs tensorrt + a GPU)")
+    p.add_argument("--torch-worker", choices=("auto", "on", "off"), default="auto",
+                   help="build, reference and tracing in a separate process whose memory is freed before ONNX Runtime "
+                        "verifies (auto: on for full-size presets; measured on ViT-G: peak RSS 2.46x -> 1.31x the FP32 weights)")
     p.add_argument("--json", action="store_true", help="print the manifest's verification as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)
@@ -71,6 +74,7 @@ def _run(args) -> int:
         io_dtype=args.io_dtype,
         engine=args.engine,
         progress=not args.quiet,
+        torch_worker=args.torch_worker,
     )
     out = args.output or Path("artifacts") / f"{preset.name.replace('@', '-')}-{args.precision}-{args.scope}"
     manifest = export_artifact(

@@ -14,7 +14,7 @@ def lower_precision(preset, aggregator, fp32_path: Path, vs, ref_desc: np.ndarra
     'verification' entry (judged against the PyTorch FP32 descriptors `ref_desc`)."""
     from vpr_edge.engines import calibration as C
     from vpr_edge.engines.lower import VerifyData, lower_onnx
-    from vpr_edge.export.artifact import _descriptors_from_features
+    from vpr_edge.export.torch_side import descriptors_from_features
 
     calib = None
     calib_source = ""
@@ -23,7 +23,7 @@ def lower_precision(preset, aggregator, fp32_path: Path, vs, ref_desc: np.ndarra
         calib, calib_info = C.calibration_images(options.calibration, preset.preprocess, progress=options.progress)
         calib_source = str(options.calibration)
     def to_desc(features: np.ndarray) -> np.ndarray:
-        return _descriptors_from_features(aggregator, features)
+        return descriptors_from_features(aggregator, features)
 
     res = lower_onnx(
         fp32_path,

@@ -1,0 +1,46 @@
+"""Progress of an export's slow steps: one line each on stderr, with wall time and peak RSS kept
+per step for the manifest."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+
+class Steps:
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.times: dict[str, float] = {}
+        self.peak_rss_gib: dict[str, float] = {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        import psutil
+
+        proc, peak, done = psutil.Process(), [0], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], proc.memory_info().rss)
+                done.wait(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        if self.enabled:
+            print(f"{name} ...", end="", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            done.set()
+            sampler.join()
+        self.times[name] = round(time.perf_counter() - t0, 3)
+        self.peak_rss_gib[name] = round(peak[0] / 2**30, 2)
+        if self.enabled:
+            print(f" {self.times[name]:.1f} s", file=sys.stderr, flush=True)
+        return out
+
+    def merge(self, times: dict[str, float], peaks: dict[str, float]) -> None:
+        """Steps that ran in another process (the torch worker)."""
+        self.times.update(times)
+        self.peak_rss_gib.update(peaks)
