@@ -155,8 +155,9 @@ def test_map_bench_small(tmp_path):
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     r = res["result"]
-    assert r["params"] == {"nlist": 32, "m": 8, "nbits": 6, "nprobe": 4, "refine": 0, "train": 2560,
-                           "metric": "inner product"}
+    assert r["params"] == {"nlist": 32, "m": 8, "nbits": 6, "nprobe": 4, "refine": "sq8, top 500",
+                           "refine_store": "sq8", "rerank": 500, "k": 10, "factory": "IVF32,PQ8x6np,Refine(SQ8)",
+                           "train": 2560, "metric": "inner product"}  # re-ranking: the runtime's default
     assert r["size"] == 20000 and r["dim"] == 64 and r["queries"] == 100
     for key in ("top1", "exact_top1_in_top10", "top10_overlap"):
         assert 0.0 <= r["agreement"][key] <= 1.0

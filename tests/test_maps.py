@@ -25,6 +25,18 @@ from vpr_edge.runtime.toy_artifact import write_toy_artifact  # noqa: E402
 PRESET = presets.get("anyloc-dinov2").tiny()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    """conftest's torch.set_num_threads(2) also sizes faiss' OpenMP pool (torch loaded first, one
+    libgomp): on a busy 2-core machine two spinning threads make faiss' k-means ~30x slower."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def art(tmp_path_factory):
     return write_toy_artifact(tmp_path_factory.mktemp("art") / "anyloc", PRESET, "backbone")
@@ -226,44 +238,125 @@ def test_utm_metadata(art, db, tmp_path):
     assert res[0]["results"][0]["utm"] == [500010.0, 4100000.5]
 
 
-def test_ivf_indexes(art, db, tmp_path):
+def test_ivf_indexes(art, db, corridor, tmp_path, capsys):
     with pytest.raises(ConfigError, match="ivfpq needs at least 624"):
         build_map(db[:40], art, tmp_path / "pq", index="ivfpq", progress=False, threads=1)
-    m = build_map(db[:40], art, tmp_path / "ivf", index="ivfflat", progress=False, threads=1)
-    assert m.details["index"]["type"] == "ivfflat" and m.index().ntotal == 40
+    # options that do not fit the index are refused before any image is described
+    with pytest.raises(ConfigError, match="--refine and --rerank apply to --index ivfpq"):
+        _cli("build", *map(str, db[:40]), "--model", str(art), "-o", str(tmp_path / "bad"), "--index", "ivfflat",
+             "--refine", "sq8")
+    assert not (tmp_path / "bad").exists()
+    ivf = tmp_path / "ivf"
+    assert _cli("build", *map(str, db[:40]), "--model", str(art), "-o", str(ivf), "--index", "ivfflat",
+                "--nprobe", "3", "--threads", "1") == 0
+    m = Map.open(ivf)
+    params = m.details["index"]
+    assert params["type"] == "ivfflat" and params["nprobe"] == min(3, params["nlist"])  # 40 images: 1 list
+    assert m.index().ntotal == 40 and map_index.search_settings(m.index()) == {"nprobe": params["nprobe"]}
+    q = str(corridor / "queries" / "0000010.jpg")
+    capsys.readouterr()
+    assert _cli("query", str(ivf), q, "--nprobe", str(m.details["index"]["nlist"]), "--json", "--threads", "1") == 0
+    hits = json.loads(capsys.readouterr().out)[0]["results"]
+    with Describer.from_artifact(art, threads=1) as d:
+        qd = d.describe([q])
+    assert hits[0]["id"] == int(np.argmax(m.descriptors() @ qd[0]))  # all lists visited: exact
+    with pytest.raises(ConfigError, match="--rerank applies to IVF-PQ maps"):
+        _cli("query", str(ivf), q, "--rerank", "5")
 
 
-def test_ivfpq_on_synthetic_map(tmp_path):
-    rng = np.random.default_rng(0)
-    n, d = 2500, 64
-    centers = rng.standard_normal((50, d))
-    x = centers[rng.integers(0, 50, n)] + 0.3 * rng.standard_normal((n, d))
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    params = map_index.index_params("ivfpq", n, d)
-    assert params == {"type": "ivfpq", "nlist": 64, "nprobe": 8, "m": 32, "nbits": 6}
-    # a synthetic map folder: chunks + manifest, finalised into an IVF-PQ index
+def _synthetic_map(folder, x: np.ndarray, index: dict) -> Map:
+    """A map folder made of chunks of given descriptors (no images), finalised into its index."""
     from vpr_edge.manifest import Manifest
 
     man = Manifest(
         kind="map",
         preset=PRESET.to_dict(),
         space=PRESET.space(),
-        details={"index": {"type": "ivfpq"}, "complete": False, "dim": d, "metadata": None},
+        details={"index": index, "complete": False, "dim": x.shape[1], "metadata": None},
     )
-    (tmp_path / "m").mkdir()
-    man.save(tmp_path / "m")
-    m = Map.open(tmp_path / "m", require_complete=False)
-    for cid, start in enumerate(range(0, n, 1000)):
+    folder.mkdir()
+    man.save(folder)
+    m = Map.open(folder, require_complete=False)
+    _commit_rows(m, x, 0)
+    return _finalize(m)
+
+
+def _commit_rows(m: Map, x: np.ndarray, first_id: int) -> None:
+    next_id = m.store.next_id()
+    for cid, start in enumerate(range(0, len(x), 1000)):
         rows = x[start : start + 1000]
-        m.store.commit(Chunk(cid, [f"img{start + i}.jpg" for i in range(len(rows))], [None] * len(rows), []), rows)
-    m = _finalize(m)
+        names = [f"img{first_id + start + i}.jpg" for i in range(len(rows))]
+        m.store.commit(Chunk(next_id + cid, names, [None] * len(rows), []), rows)
+
+
+def _clustered(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.random.Generator]:
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((50, d))
+    x = centers[rng.integers(0, 50, n)] + 0.3 * rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), rng
+
+
+def test_ivfpq_on_synthetic_map(tmp_path):
+    n, d = 2500, 64
+    x, rng = _clustered(n, d)
+    params = map_index.index_params("ivfpq", n, d)
+    assert params == {"type": "ivfpq", "nlist": 64, "nprobe": 16, "m": 32, "nbits": 6, "refine": "sq8", "rerank": 500}
+    m = _synthetic_map(tmp_path / "m", x, {"type": "ivfpq"})
+    assert {k: v for k, v in m.details["index"].items() if k != "trained_on"} == params
     index = Map.open(tmp_path / "m").index()
-    assert index.ntotal == n and index.nprobe == 8
+    assert index.ntotal == n and map_index.search_settings(index) == {"nprobe": 16, "rerank": 500}
     q = x[rng.choice(n, 200, replace=False)] + 0.05 * rng.standard_normal((200, d)).astype(np.float32)
     exact = np.argsort(-(q @ x.T), axis=1)[:, :10]
     _, approx = map_index.search(index, q, 10)
     recall10 = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
-    assert recall10 > 0.5, recall10  # compressed to 32 bytes/vector; exact flat index is the default
+    assert recall10 > 0.9, recall10  # PQ candidates re-ranked with the 8-bit copy
     # serialised and reloaded index gives the same answers
     _, again = map_index.search(map_index.load_index(tmp_path / "m" / "index.faiss", m.details["index"]), q, 10)
     assert np.array_equal(again, approx)
+    # `map add` appends to the trained index (both the PQ codes and the re-rank copy)
+    more, _ = _clustered(300, d, seed=1)
+    m.details["complete"] = False
+    _commit_rows(m, more, n)
+    m = _finalize(m)
+    grown = Map.open(m.folder).index()
+    assert grown.ntotal == n + 300 and map_index.search_settings(grown) == {"nprobe": 16, "rerank": 500}
+    assert map_index.search(grown, more[:5], 1)[1][:, 0].tolist() == list(range(n, n + 5))
+
+
+def test_ivfpq_options_are_recorded_and_reapplied(tmp_path):
+    n, d = 2500, 64
+    x, _ = _clustered(n, d)
+    m = _synthetic_map(tmp_path / "m", x, {"type": "ivfpq", "nprobe": 4, "refine": "flat", "rerank": 40})
+    assert (m.details["index"]["nprobe"], m.details["index"]["refine"], m.details["index"]["rerank"]) == (4, "flat", 40)
+    index = Map.open(m.folder).index()
+    assert map_index.search_settings(index) == {"nprobe": 4, "rerank": 40}
+    assert map_index.bytes_per_vector(m.details["index"], d) == 24 + 8 + 4 * d
+    assert map_index.search_settings(Map.open(m.folder).index(nprobe=2, rerank=10)) == {"nprobe": 2, "rerank": 10}
+    plain = _synthetic_map(tmp_path / "plain", x, {"type": "ivfpq", "refine": "none"})
+    assert "rerank" not in plain.details["index"]
+    assert map_index.search_settings(Map.open(plain.folder).index()) == {"nprobe": 16}
+
+
+def test_map_from_before_reranking_loads_and_grows(tmp_path):
+    """A map written by the earlier runtime: a plain IVFPQ index file, params without "refine"."""
+    import faiss
+
+    n, d = 2500, 64
+    x, rng = _clustered(n, d)
+    m = _synthetic_map(tmp_path / "old", x, {"type": "flat"})
+    old = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, 64, 32, 6, faiss.METRIC_INNER_PRODUCT)
+    old.train(x)
+    old.add(x)
+    map_index.save_index(old, m.folder / "index.faiss")
+    m.details["index"] = {"type": "ivfpq", "nlist": 64, "nprobe": 8, "m": 32, "nbits": 6, "trained_on": n}
+    m.manifest.save(m.folder)
+    loaded = Map.open(m.folder)
+    index = loaded.index()
+    assert index.ntotal == n and map_index.search_settings(index) == {"nprobe": 8}
+    q = x[:50] + 0.02 * rng.standard_normal((50, d)).astype(np.float32)
+    assert np.mean(map_index.search(index, q, 1)[1][:, 0] == np.arange(50)) > 0.5
+    more, _ = _clustered(100, d, seed=2)
+    loaded.details["complete"] = False
+    _commit_rows(loaded, more, n)
+    grown = _finalize(loaded)
+    assert "refine" not in grown.details["index"] and Map.open(grown.folder).index().ntotal == n + 100

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from vpr_edge.runtime.describer import BACKENDS
-from vpr_edge.runtime.map_index import INDEX_TYPES
+from vpr_edge.runtime.map_index import DEFAULT_RERANK, INDEX_TYPES, REFINE_TYPES
 
 
 def _runtime_options(p: argparse.ArgumentParser, model_required: bool) -> None:
@@ -43,6 +43,32 @@ def _describer_kwargs(args) -> dict:
     }
 
 
+def _search_options(p: argparse.ArgumentParser, build: bool) -> None:
+    g = p.add_argument_group("search" + ("" if build else " (override the map's recorded settings for this query)"))
+    g.add_argument(
+        "--nprobe",
+        type=int,
+        default=None,
+        metavar="N",
+        help="IVF lists visited per query" + (" (default: nlist / 32, at least 16)" if build else ""),
+    )
+    if build:
+        g.add_argument(
+            "--refine",
+            choices=REFINE_TYPES,
+            default=None,
+            help="ivfpq: re-rank PQ candidates with vectors kept as sq8 (8-bit, d bytes each; default) "
+            "or flat (float32, 4d bytes); none: PQ order only",
+        )
+    g.add_argument(
+        "--rerank",
+        type=int,
+        default=None,
+        metavar="R",
+        help="ivfpq: PQ candidates re-ranked per query" + (f" (default {DEFAULT_RERANK})" if build else ""),
+    )
+
+
 def register(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("map", help="build, extend, query and inspect place-recognition maps")
     msub = p.add_subparsers(dest="map_command", metavar="ACTION")
@@ -55,11 +81,13 @@ def register(sub) -> argparse.ArgumentParser:
         "--index",
         choices=INDEX_TYPES,
         default="flat",
-        help="flat: exact (default); ivfflat/ivfpq: trained on the map, for large maps",
+        help="flat: exact (default); ivfflat/ivfpq: trained on the map, for large maps "
+        "(ivfpq re-ranks its candidates: see --refine)",
     )
     b.add_argument("--metadata", choices=["utm"], default=None, help="utm: record @east@north@ from file names")
     b.add_argument("--chunk", type=int, default=256, metavar="N", help="images per committed chunk (default 256)")
     b.add_argument("--recursive", action="store_true", help="also take images from sub-folders")
+    _search_options(b, build=True)
     _runtime_options(b, model_required=True)
     b.set_defaults(func=_build)
 
@@ -75,6 +103,7 @@ def register(sub) -> argparse.ArgumentParser:
     q.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     q.add_argument("--top-k", type=int, default=5, metavar="K", help="results per query (default 5)")
     q.add_argument("--json", action="store_true", help="machine-readable output")
+    _search_options(q, build=False)
     _runtime_options(q, model_required=False)
     q.set_defaults(func=_query)
 
@@ -96,6 +125,7 @@ def _build(args) -> int:
         args.output,
         batch=args.batch,
         index=args.index,
+        index_options={"nprobe": args.nprobe, "refine": args.refine, "rerank": args.rerank},
         metadata=args.metadata,
         chunk_size=args.chunk,
         force=args.force,
@@ -126,7 +156,14 @@ def _query(args) -> int:
     from vpr_edge.runtime.maps import query_map
 
     results = query_map(
-        args.map, args.images, top_k=args.top_k, artifact=args.model, batch=args.batch, **_describer_kwargs(args)
+        args.map,
+        args.images,
+        top_k=args.top_k,
+        artifact=args.model,
+        batch=args.batch,
+        nprobe=args.nprobe,
+        rerank=args.rerank,
+        **_describer_kwargs(args),
     )
     if args.json:
         print(json.dumps(results, indent=2))

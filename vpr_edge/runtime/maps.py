@@ -162,8 +162,10 @@ class Map:
         dim = int(self.details.get("dim", 0))
         return np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)
 
-    def index(self):
-        return map_index.load_index(self.folder / INDEX, self.details.get("index"))
+    def index(self, **search_settings):
+        """The loaded faiss index; `search_settings` (nprobe, rerank) override the recorded ones."""
+        params = {**self.details.get("index", {}), **{k: v for k, v in search_settings.items() if v is not None}}
+        return map_index.load_index(self.folder / INDEX, params)
 
     def info(self) -> dict:
         chunks = self.store.committed()
@@ -211,7 +213,7 @@ def _space_refusal(map_man: Manifest, art_man: Manifest, map_folder: Path, artif
         )
 
 
-def _map_manifest(art, describer, index: str, metadata: str | None, chunk_size: int) -> Manifest:
+def _map_manifest(art, describer, index: dict, metadata: str | None, chunk_size: int) -> Manifest:
     am = art.manifest
     return Manifest(
         kind="map",
@@ -227,7 +229,7 @@ def _map_manifest(art, describer, index: str, metadata: str | None, chunk_size: 
                 "precision": art.precision,
                 "manifest_sha256": sha256_file(art.folder / MANIFEST_NAME),
             },
-            "index": {"type": index},
+            "index": index,
             "metadata": metadata,
             "chunk_size": chunk_size,
             "complete": False,
@@ -369,7 +371,8 @@ def _finalize(m: Map) -> Map:
             index = None
     if index is None:
         descs = _rows_from(m, chunks, 0)
-        params = map_index.index_params(old.get("type", "flat"), len(descs), descs.shape[1])
+        options = {k: old[k] for k in map_index.OPTION_KEYS if old.get(k) is not None}
+        params = map_index.index_params(old.get("type", "flat"), len(descs), descs.shape[1], **options)
         index = map_index.build_index(descs, params)
         params["trained_on"] = len(descs)
         m.details["index"] = params
@@ -389,6 +392,7 @@ def build_map(
     *,
     batch: int = 8,
     index: str = "flat",
+    index_options: dict | None = None,
     metadata: str | None = None,
     chunk_size: int = 256,
     force: bool = False,
@@ -398,11 +402,20 @@ def build_map(
     on_commit: OnCommit | None = None,
     **describer_kwargs,
 ) -> Map:
-    """Build (or resume building) a map at `output` from image files/folders."""
+    """Build (or resume building) a map at `output` from image files/folders.
+
+    `index_options` (nprobe, refine, rerank; see `map_index.index_params`) override the defaults.
+    """
     from vpr_edge.runtime.describer import Describer
 
     if index not in map_index.INDEX_TYPES:
         raise ConfigError(f"--index must be one of {map_index.INDEX_TYPES}, got {index!r}")
+    options = {k: v for k, v in (index_options or {}).items() if v is not None}
+    unknown = sorted(set(options) - set(map_index.OPTION_KEYS))
+    if unknown:
+        raise ConfigError(f"index options must be among {map_index.OPTION_KEYS}, got {unknown}")
+    map_index.check_options(index, **options)
+    spec = {"type": index, **options}
     if metadata not in METADATA:
         raise ConfigError(f"--metadata must be 'utm' or absent, got {metadata!r}")
     if batch < 1 or chunk_size < 1:
@@ -413,7 +426,7 @@ def build_map(
     describer = describer or Describer.from_artifact(artifact, **describer_kwargs)
     try:
         return _build(
-            out, paths, describer, str(artifact), batch, index, metadata, chunk_size, force, progress, on_commit
+            out, paths, describer, str(artifact), batch, spec, metadata, chunk_size, force, progress, on_commit
         )
     finally:
         if own:
@@ -433,7 +446,7 @@ def _build(out, paths, describer, artifact, batch, index, metadata, chunk_size, 
         else:
             _space_refusal(existing.manifest, art.manifest, out, artifact)
             d = existing.details
-            if d.get("index", {}).get("type") != index or d.get("metadata") != metadata:
+            if d.get("index", {}).get("type") != index["type"] or d.get("metadata") != metadata:
                 raise ConfigError(
                     f"{out}: unfinished build used --index {d.get('index', {}).get('type')} --metadata {d.get('metadata')}; "
                     "resume with the same options or pass --force to start over"
@@ -445,6 +458,12 @@ def _build(out, paths, describer, artifact, batch, index, metadata, chunk_size, 
         out.mkdir(parents=True, exist_ok=True)
         _map_manifest(art, describer, index, metadata, chunk_size).save(out)
     m = Map.open(out, require_complete=False)
+    current = m.details.get("index", {})
+    if any(current.get(k) != v for k, v in index.items()):  # resumed with other options
+        if "refine" in index and index["refine"] != current.get("refine"):
+            current.pop("trained_on", None)  # another re-rank store: build the index anew
+        m.details["index"] = {**current, **index}
+        m.manifest.save(m.folder)
     _encode(
         m,
         describer,
@@ -507,14 +526,20 @@ def query_map(
     artifact: str | Path | None = None,
     batch: int = 8,
     describer=None,
+    nprobe: int | None = None,
+    rerank: int | None = None,
     **describer_kwargs,
 ) -> list[dict]:
-    """Top-k map images for each query image: [{"query", "results": [{"rank", "file", "score", "id", "utm"}]}]."""
+    """Top-k map images for each query image: [{"query", "results": [{"rank", "file", "score", "id", "utm"}]}].
+
+    nprobe / rerank override the map's recorded search settings for this query only.
+    """
     from vpr_edge.runtime.describer import Describer
 
     if top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {top_k}")
     m = Map.open(map_folder)
+    index = m.index(nprobe=nprobe, rerank=rerank)  # bad settings fail before the model loads
     source = m.artifact_path(artifact)
     own = describer is None
     describer = describer or Describer.from_artifact(source, **describer_kwargs)
@@ -526,7 +551,7 @@ def query_map(
         if own:
             describer.close()
     entries = m.entries()
-    scores, ids = map_index.search(m.index(), q, top_k)
+    scores, ids = map_index.search(index, q, top_k)
     out = []
     for path, srow, irow in zip(paths, scores, ids):
         results = []
