@@ -2,11 +2,15 @@
 
 For each preset: `vpr-export` at fp32, fp16 and int8 (INT8 calibrated on Corridor's database,
 verified on Corridor; `--accept-fidelity` so an artifact outside the thresholds is still measured —
-its manifest says so), then one `vpr-edge bench` over the three artifacts plus the PyTorch
-reference, which writes JSON + Markdown + PNG with ratios against PyTorch FP32. The exact commands
-are written to <output>/commands.txt and into the summary.
+its manifest says so), optionally a second INT8 export with `--target-agreement` (the automatic
+fallback keeps blocks in FP32 until top-1 agreement reaches it), then one `vpr-edge bench` over the
+artifacts plus the PyTorch reference, which writes JSON + Markdown + PNG with ratios against PyTorch
+FP32. PyTorch and ONNX Runtime get the same thread count (`--threads`, default 2 = this machine's
+cores; OMP_NUM_THREADS=1 in the environment would otherwise leave PyTorch on one thread while ORT
+uses all cores). The exact commands are written to <output>/commands.txt and into the summary.
 
-    python benchmarks/precision_cpu.py --model anyloc-dinov2-vits14 --output benchmarks/results/precision/anyloc-dinov2-vits14
+    flock /work/notes/cpu.lock python benchmarks/precision_cpu.py --model anyloc-dinov2-vits14 \
+        --int8-target 0.95 --output benchmarks/results/precision/anyloc-dinov2-vits14
 """
 
 from __future__ import annotations
@@ -37,11 +41,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--output", type=Path, required=True)
-    ap.add_argument("--verify-limit", type=int, default=32)
+    ap.add_argument("--verify-limit", type=int, default=64)
     ap.add_argument("--bench-limit", type=int, default=32)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--target-agreement", type=float, default=None, help="passed to the FP16/INT8 exports")
+    ap.add_argument("--int8-target", type=float, default=None,
+                    help="also export and bench INT8 with --target-agreement F (variant onnx-int8-fallback)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads for PyTorch and ONNX Runtime in the bench")
     args = ap.parse_args()
 
     out = args.output
@@ -59,33 +66,54 @@ def main() -> None:
     target = ["--target-agreement", str(args.target_agreement)] if args.target_agreement else []
     run(exe + ["export", *common, *same_space, *target, "--precision", "fp16", "--accept-fidelity",
                "--output", str(arts / "fp16")], log)
-    run(exe + ["export", *common, *same_space, *target, "--precision", "int8", "--accept-fidelity",
-               "--calibration", str(CORRIDOR / "database"), "--output", str(arts / "int8")], log)
-    run(exe + ["bench", str(CORRIDOR), "--variant", f"onnx-fp32={arts / 'fp32'}", "--variant",
-               f"onnx-fp16={arts / 'fp16'}", "--variant", f"onnx-int8={arts / 'int8'}", "--pytorch", "onnx-fp32",
-               "--weights", "random", "--limit", str(args.bench_limit), "--batches", args.batches, "--runs",
+    int8 = ["export", *common, *same_space, "--precision", "int8", "--accept-fidelity", "--calibration",
+            str(CORRIDOR / "database")]
+    run(exe + [*int8, *target, "--output", str(arts / "int8")], log)
+    kinds = {"fp32": "onnx-fp32", "fp16": "onnx-fp16", "int8": "onnx-int8"}
+    if args.int8_target:
+        run(exe + [*int8, "--target-agreement", str(args.int8_target), "--output", str(arts / "int8-fallback")], log)
+        kinds["int8-fallback"] = "onnx-int8-fallback"
+    variants = [a for k, name in kinds.items() for a in ("--variant", f"{name}={arts / k}")]
+    run(exe + ["bench", str(CORRIDOR), *variants, "--pytorch", "onnx-fp32", "--weights", "random", "--threads",
+               str(args.threads), "--limit", str(args.bench_limit), "--batches", args.batches, "--runs",
                str(args.runs), "--warmup", "2", "--output", str(out / "bench"), "--force"], log)
     sizes = {}
     export_fidelity = {}
-    for p in ("fp32", "fp16", "int8"):
+    for p in kinds:
         m = json.loads((arts / p / "manifest.json").read_text())
+        prec = m["details"]["precision"]
         sizes[p] = round(sum(f["bytes"] for f in m["files"].values()) / 2**20, 2)
-        v = m["verification"].get(p) or m["verification"]["fp32"]
+        v = m["verification"].get(prec) or m["verification"]["fp32"]
         rep = v["report"]
+        fb = m["details"].get("fallback")
         export_fidelity[p] = {
             "passed": v.get("passed"),
+            "verify_images": m["verification"].get("set", {}).get("n_images"),
             "cos_min": rep["cos_min"],
             "cos_mean": rep["cos_mean"],
             "top1_agreement": rep["top1_agreement"],
             "top5_agreement": rep["top5_agreement"],
-            "fallback": m["details"].get("fallback", {}).get("keep_blocks") if m["details"].get("fallback") else None,
+            "fallback_blocks": fb["blocks"] if fb else None,
+            "fallback_met": fb["met"] if fb else None,
             "high_precision_flops_fraction": m["details"].get("high_precision_flops_fraction"),
         }
-    summary = {"model": args.model, "artifact_mib": sizes, "export_verification": export_fidelity, "commands": log}
+    bench = json.loads((out / "bench" / "results.json").read_text())
+    latency = {}
+    for name in ["pytorch-fp32", *kinds.values()]:
+        var = bench["variants"][name]
+        fid = var.get("fidelity") or {}
+        latency[name] = {
+            "p50_ms_per_image": {b: round(x["per_image_ms"]["p50"], 2) for b, x in var["latency"].items()},
+            "speedup_vs_pytorch_fp32": {b: round(x, 3) for b, x in bench["ratios"][name].get("speedup_p50", {}).items()},
+            "bench_top1_agreement": fid.get("top1_agreement"),
+            "bench_cos_mean": fid.get("cos_mean"),
+        }
+    summary = {"model": args.model, "threads": args.threads, "machine": bench["machine"].get("cpu"),
+               "artifact_mib": sizes, "export_verification": export_fidelity, "bench": latency, "commands": log}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "commands.txt").write_text("\n".join(log) + "\n")
     # artifacts are large and re-creatable from the commands: keep only their manifests
-    for p in ("fp32", "fp16", "int8"):
+    for p in kinds:
         for f in (arts / p).iterdir():
             if f.name != "manifest.json":
                 f.unlink()

@@ -15,6 +15,7 @@ from vpr_edge.engines import graph as G  # noqa: E402
 from vpr_edge.engines.calibration import batches  # noqa: E402
 from vpr_edge.engines.fidelity import compare_outputs  # noqa: E402
 from vpr_edge.engines.int8 import check_qdq, int8_from_onnx  # noqa: E402
+from vpr_edge.engines.int8 import default_exclusions as int8_default_exclusions  # noqa: E402
 from vpr_edge.engines.lower import VerifyData, lower_onnx  # noqa: E402
 from vpr_edge.engines.ortrun import run_onnx  # noqa: E402
 from vpr_edge.errors import ConfigError, FidelityError  # noqa: E402
@@ -37,8 +38,10 @@ def test_qdq_surrounds_exactly_the_weight_ops(toy_path, quantized):
     weight_ops = [n for n, node in sidx.nodes.items() if node.op_type in ("MatMul", "Conv")
                   and sidx.is_constant(node.input[1])]
     head = {n for n, why in report.excluded.items() if "head" in why or "ArgMax" in why}
-    assert set(report.quantized) == set(weight_ops) - head
-    assert len(report.quantized) == 1 + 4 * 4  # patch embedding + qkv/proj/fc1/fc2 per block
+    first = {n for n, why in report.excluded.items() if "first layer" in why}
+    assert [sidx.nodes[n].op_type for n in first] == ["Conv"]  # the patch embedding stays float
+    assert set(report.quantized) == set(weight_ops) - head - first
+    assert len(report.quantized) == 4 * 4  # qkv/proj/fc1/fc2 per block
 
     model = G.load(dst)
     idx = G.GraphIndex.of(model)
@@ -69,6 +72,53 @@ def test_qdq_surrounds_exactly_the_weight_ops(toy_path, quantized):
     # attention (activation x activation) and VLAD MatMuls are not quantised
     reasons = set(report.excluded.values())
     assert any("attention" in r for r in reasons) and any("head" in r or "ArgMax" in r for r in reasons)
+    assert not report.quantize_attention and report.to_dict()["attention_matmuls_quantized"] is False
+
+
+def _activation_matmuls(model) -> list[str]:
+    idx = G.GraphIndex.of(model)
+    return [n for n, node in idx.nodes.items() if node.op_type == "MatMul"
+            and not idx.is_constant(node.input[0]) and not idx.is_constant(node.input[1])]
+
+
+def test_attention_matmuls_quantized_on_both_inputs(toy_path, data, tmp_path):
+    src = G.load(toy_path)
+    attention = [n for n in _activation_matmuls(src) if n not in {
+        n for n, why in int8_default_exclusions(src).items() if "head" in why or "ArgMax" in why}]
+    assert len(attention) == 2 * 4  # QK^T and attention x V in each of the 4 blocks
+    report = int8_from_onnx(toy_path, tmp_path / "q.onnx", batches(data[1][:8]), "max", quantize_attention=True)
+    assert set(attention) <= set(report.quantized) and report.to_dict()["attention_matmuls_quantized"]
+    model = G.load(tmp_path / "q.onnx")
+    idx = G.GraphIndex.of(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    for name in attention:
+        for t in idx.nodes[name].input[:2]:
+            dq = idx.nodes[idx.producer[t]]
+            q = idx.nodes[idx.producer[dq.input[0]]]
+            assert (dq.op_type, q.op_type) == ("DequantizeLinear", "QuantizeLinear")
+            assert numpy_helper.to_array(inits[q.input[1]]).shape == ()  # per tensor, symmetric
+            assert not numpy_helper.to_array(inits[q.input[2]]).any()
+    assert check_qdq(model, report.quantized) == []
+
+
+def test_rewrites_recorded_and_ort_fuses_gelu(quantized, tmp_path):
+    """The INT8 graph stays standard ONNX; ORT fuses its erf-GELUs once reordered (rewrites.py)."""
+    import onnxruntime as ort
+
+    dst, report = quantized
+    d = report.to_dict()
+    assert d["graph_rewrites"]["gelu_reordered_for_ort_fusion"] == 4  # one per block
+    assert "not applied" in d["ort_quant_pre_process"]
+    model = G.load(dst)
+    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
+    assert "Erf" in {n.op_type for n in model.graph.node}
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(dst), so, providers=["CPUExecutionProvider"])
+    fused = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    assert "Erf" not in fused and fused & {"Gelu", "BiasGelu"}
+    assert "MatMulIntegerToFloat" in fused  # DQ -> MatMul -> float: ORT's integer kernel
 
 
 def test_calibration_is_recorded_and_few_images_warn(quantized):
@@ -120,3 +170,47 @@ def test_int8_meets_thresholds_on_corridor_with_fallback(toy_path, data, tmp_pat
     assert len(fb["evaluations"]) < 2 ** 5  # bisection, not all subsets of the 5 units
     assert result.details["int8"]["quantized_nodes"] > 0
     assert result.details["int8"]["calibration"]["method"] == "max"
+
+
+def _layerscale_gelu_graph():
+    """x -> MatMul W -> Add b -> GELU as torch exports it -> MatMul W2 -> Add b2 -> Mul gamma -> + x."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    inits = {"W": f32(rng.normal(size=(8, 16))), "b": f32(rng.normal(size=16)), "W2": f32(rng.normal(size=(16, 8))),
+             "b2": f32(rng.normal(size=8)), "gamma": f32(rng.uniform(0.1, 2, size=8)), "root2": f32(np.sqrt(2.0)),
+             "one": f32(1.0), "half": f32(0.5)}
+    n = helper.make_node
+    nodes = [n("MatMul", ["x", "W"], ["h0"], name="fc1"), n("Add", ["h0", "b"], ["h"], name="fc1_bias"),
+             n("Div", ["h", "root2"], ["d"], name="div"), n("Erf", ["d"], ["e"], name="erf"),
+             n("Add", ["e", "one"], ["e1"], name="add1"), n("Mul", ["half", "e1"], ["m"], name="half"),
+             n("Mul", ["h", "m"], ["g"], name="gelu"), n("MatMul", ["g", "W2"], ["y0"], name="fc2"),
+             n("Add", ["y0", "b2"], ["y1"], name="fc2_bias"), n("Mul", ["y1", "gamma"], ["y2"], name="ls"),
+             n("Add", ["x", "y2"], ["y"], name="residual")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 8])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+def test_rewrites_are_exact_and_keep_standard_ops():
+    import onnxruntime as ort
+
+    from vpr_edge.engines.rewrites import tidy_for_ort
+
+    def run(model, x):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    model = _layerscale_gelu_graph()
+    x = np.random.default_rng(1).normal(size=(2, 5, 8)).astype(np.float32)
+    before = run(model, x)
+    counts = tidy_for_ort(model)
+    assert counts == {"gelu_reordered_for_ort_fusion": 1, "layerscale_folded_into_weights": 1}
+    onnx.checker.check_model(model)
+    names = {node.name for node in model.graph.node}
+    assert "ls" not in names and {"fc1", "fc2", "gelu", "half"} <= names  # node names kept for exclusions
+    np.testing.assert_allclose(run(model, x), before, rtol=1e-5, atol=1e-5)
+    assert tidy_for_ort(model) == {"gelu_reordered_for_ort_fusion": 0, "layerscale_folded_into_weights": 0}

@@ -6,8 +6,23 @@ What TensorRT's strongly typed INT8 path expects, and what we ask onnxruntime.qu
 - Q/DQ only around MatMul/Gemm/Conv; biases stay float (TensorRT fuses float bias; `QuantizeBias`
   off); LayerNorm, Softmax, GELU and everything else run in the graph's float type;
 - not quantised by default: MatMuls of two activations (QK^T and attention x V: no weights, and
-  Softmax outputs in [0, 1] lose most of their 256 levels to the logits' range), and the descriptor
-  head (VLAD assignment/aggregation, PCA, norms), where a flipped argmax moves whole tokens.
+  Softmax outputs in [0, 1] lose most of their 256 levels to the logits' range), the descriptor
+  head (VLAD assignment/aggregation, PCA, norms), where a flipped argmax moves whole tokens, and the
+  first layer reading the image (patch embedding / stem conv).
+
+Measured on ViT-S/14 (AnyLoc, Corridor, 2 AMD EPYC cores, ORT 1.31; benchmarks/results/precision/):
+- ORT's CPU provider turns DQ -> MatMul (no Q on the output) into MatMulIntegerToFloat, the fast
+  U8S8 path; Q/DQ on outputs too (QLinearMatMul + a DQ before the float bias add) is no faster.
+  A DQ -> Conv without an output Q stays a float Conv, so quantising the patch embedding buys
+  nothing on CPU, and it is the single most sensitive layer (min descriptor cosine 0.84 -> 0.88).
+- quantised attention MatMuls save ~2 ms of ~42 ms but cost top-1 agreement (0.82 -> 0.75 on 111
+  queries): off by default (`quantize_attention=True` quantises both inputs of both).
+- onnxruntime.quantization.quant_pre_process gains nothing here (ORT applies the same basic
+  optimisations at load) and renames nodes, which breaks name-based exclusions: not used.
+  `rewrites.tidy_for_ort` (GELU order, LayerScale folding) is what lets ORT fuse more; applied
+  before quantisation and recorded in the report.
+- calibration: 'max' is best here; ORT's entropy calibrator returns the max ranges on this model,
+  and percentile clipping (99.99 / 99.999) lowers cosine (0.968 -> 0.951 / 0.960).
 
 Calibration is ORT's (MinMax / Entropy / Percentile over the calibration batches); ranges can be
 cached in a file so the fallback search, which re-quantises with different exclusions, calibrates once.
@@ -43,6 +58,8 @@ class Int8Report:
     excluded: dict[str, str]  # node -> reason (MatMul/Gemm/Conv left in float)
     calibration: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    rewrites: dict[str, int] = field(default_factory=dict)  # rewrites.tidy_for_ort counts (empty: not applied)
+    quantize_attention: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         reasons: dict[str, int] = {}
@@ -58,6 +75,9 @@ class Int8Report:
             "excluded_reasons": reasons,
             "excluded_node_names": sorted(self.excluded),
             "calibration": self.calibration,
+            "attention_matmuls_quantized": self.quantize_attention,
+            "graph_rewrites": self.rewrites or "not applied",
+            "ort_quant_pre_process": "not applied (no gain on ViT-S; renames nodes)",
             "warnings": self.warnings,
         }
 
@@ -119,7 +139,28 @@ def _uniform_batches(batches: Iterable[np.ndarray], fixed: int | None, method: s
     return out
 
 
-def default_exclusions(model, *, quantize_attention: bool = False) -> dict[str, str]:
+_IMAGE_PATH = frozenset({"Cast", "Identity", "Pad", "Reshape", "Transpose", "Slice", "Resize", "Sub", "Div", "Mul", "Add"})
+
+
+def reads_image(idx: G.GraphIndex, tensor: str, depth: int = 6) -> bool:
+    """Is `tensor` a graph input, or computed from one through element-wise/layout ops only?"""
+    frontier = [tensor]
+    for _ in range(depth):
+        nxt = []
+        for t in frontier:
+            if t in idx.graph_inputs:
+                return True
+            name = idx.producer.get(t)
+            if name is None or idx.nodes[name].op_type not in _IMAGE_PATH:
+                continue
+            nxt.extend(i for i in idx.nodes[name].input if i and i not in idx.initializers)
+        frontier = nxt
+        if not frontier:
+            break
+    return False
+
+
+def default_exclusions(model, *, quantize_attention: bool = False, keep_first_layer: bool = True) -> dict[str, str]:
     """MatMul/Gemm/Conv nodes left unquantised by default, with the reason."""
     idx = G.GraphIndex.of(model)
     head = descriptor_head(model, idx)
@@ -129,6 +170,8 @@ def default_exclusions(model, *, quantize_attention: bool = False) -> dict[str, 
             continue
         if name in head:
             out[name] = "descriptor head (VLAD/GeM/BoQ/PCA, norms)"
+        elif keep_first_layer and reads_image(idx, node.input[0]):
+            out[name] = "first layer on the image (patch embedding / stem): most sensitive, ~1% of FLOPs"
         elif node.op_type == "MatMul" and not quantize_attention:
             if not idx.is_constant(node.input[0]) and not idx.is_constant(node.input[1]):
                 out[name] = "activation x activation MatMul (attention)"
@@ -146,6 +189,8 @@ def int8_from_onnx(
     exclude_nodes: Iterable[str] | Mapping[str, str] = (),
     *,
     quantize_attention: bool = False,
+    keep_first_layer: bool = True,
+    rewrite: bool = True,
     calibration_cache: str | Path | None = None,
     percentile: float = 99.999,
     calibration_source: str = "",
@@ -154,8 +199,11 @@ def int8_from_onnx(
 
     calibration: numpy batches [b, 3, H, W] float32 (preprocessed like the model input) or an
     onnxruntime CalibrationDataReader. exclude_nodes: extra node names left in float.
+    quantize_attention: also quantise the activation x activation MatMuls (QK^T, attention x V),
+    Q/DQ on both inputs. keep_first_layer: leave the layer reading the image in float.
+    rewrite: apply `rewrites.tidy_for_ort` first (exact; node names kept, so exclusions still apply).
     calibration_cache: a JSON file for ORT's tensor ranges; an existing one is reused (the
-    fallback search quantises many times from one calibration)."""
+    fallback search quantises many times from one calibration; pass the same `rewrite`)."""
     q = lazy_import("onnxruntime.quantization")
     if method not in CALIBRATION_METHODS:
         raise ConfigError(f"--calibration-method must be one of {sorted(CALIBRATION_METHODS)}, got {method!r}")
@@ -163,7 +211,7 @@ def int8_from_onnx(
     model = G.load(src_onnx, load_weights=False)
     G.GraphIndex.of(model)
     names = {n.name for n in model.graph.node}
-    excluded = default_exclusions(model, quantize_attention=quantize_attention)
+    excluded = default_exclusions(model, quantize_attention=quantize_attention, keep_first_layer=keep_first_layer)
     extra = dict(exclude_nodes) if isinstance(exclude_nodes, Mapping) else {n: "requested" for n in exclude_nodes}
     unknown = sorted(set(extra) - names)
     if unknown:
@@ -204,10 +252,21 @@ def int8_from_onnx(
     external = G.external_data_files(src_onnx)
     big = bool(external) and sum(f.stat().st_size for f in external) > G.TWO_GB // 2
     dst_onnx.parent.mkdir(parents=True, exist_ok=True)
+    rewrites: dict[str, int] = {}
+    quant_src = src_onnx
+    if rewrite:
+        from vpr_edge.engines.rewrites import tidy_for_ort
+
+        full = G.load(src_onnx)
+        rewrites = tidy_for_ort(full)
+        if any(rewrites.values()):
+            quant_src = dst_onnx.parent / f".{dst_onnx.stem}.rewritten.onnx"
+            G.save(full, quant_src)
+        del full
     try:
         with _quiet_ort():
             q.quantize_static(
-                str(src_onnx),
+                str(quant_src),
                 str(dst_onnx),
                 reader,
                 quant_format=q.QuantFormat.QDQ,
@@ -224,6 +283,11 @@ def int8_from_onnx(
             )
     except (ValueError, RuntimeError, TypeError) as exc:  # ORT reports bad inputs/graphs this way
         raise ArtifactError(f"INT8 quantisation of {src_onnx} failed: {exc}") from exc
+    finally:
+        if quant_src != src_onnx:
+            for f in G.external_data_files(quant_src):
+                f.unlink(missing_ok=True)
+            quant_src.unlink(missing_ok=True)
     if not big:
         _inline_external_data(dst_onnx)
     problems = check_qdq(G.load(dst_onnx, load_weights=False), quantized)
@@ -240,6 +304,8 @@ def int8_from_onnx(
             **({"percentile": percentile} if method == "percentile" else {}),
         },
         warnings=warnings,
+        rewrites=rewrites,
+        quantize_attention=quantize_attention,
     )
 
 
