@@ -230,3 +230,19 @@ def test_cli_main_command_writes_artifact(capsys, tmp_path, corridor):
     assert code == 0, out
     assert "top-5 agreement 1.000" in out
     assert Manifest.load(tmp_path / "a").details["precision"] == "fp32"
+
+
+def test_step_peak_memory_sees_a_short_allocation():
+    """A 256 MiB buffer that lives only inside one step (no chance for a sampler to see it) is in that
+    step's peak and not in the next one's."""
+    from vpr_edge.export.steps import Steps
+
+    steps = Steps(enabled=False)
+
+    def spike():
+        a = np.ones(32 * 2**20, dtype=np.float64)  # 256 MiB, touched
+        return float(a[-1])
+
+    steps.run("spike", spike)
+    steps.run("quiet", lambda: None)
+    assert steps.peak_rss_gib["spike"] - steps.peak_rss_gib["quiet"] >= 0.2
