@@ -27,6 +27,18 @@ def corridor() -> Path:
     return CORRIDOR
 
 
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """torch.set_num_threads(2) above also sizes faiss' OpenMP pool (torch loaded first, one
+    libgomp): on a busy 2-core machine two spinning threads make faiss' k-means ~30x slower."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 # --- FP16/INT8 tests: Corridor verify/calibration images and the toy ViT + VLAD graph ------------
 
 

@@ -12,16 +12,7 @@ from vpr_edge.runtime import map_index
 faiss = pytest.importorskip("faiss", reason="faiss not installed")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """conftest's torch.set_num_threads(2) also sizes faiss' OpenMP pool (torch loaded first, one
-    libgomp): on a busy 2-core machine two spinning threads make faiss' k-means ~30x slower."""
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def _exact_top1(x: np.ndarray, q: np.ndarray) -> np.ndarray:

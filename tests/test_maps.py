@@ -25,16 +25,7 @@ from vpr_edge.runtime.toy_artifact import write_toy_artifact  # noqa: E402
 PRESET = presets.get("anyloc-dinov2").tiny()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """conftest's torch.set_num_threads(2) also sizes faiss' OpenMP pool (torch loaded first, one
-    libgomp): on a busy 2-core machine two spinning threads make faiss' k-means ~30x slower."""
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")
