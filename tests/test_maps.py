@@ -207,6 +207,25 @@ def test_existing_outputs_and_resume_options(art, db, tmp_path):
         build_map(db[:3], art, tmp_path / "x", index="hnsw", progress=False)
 
 
+def test_second_writer_is_refused_while_a_build_holds_the_map(art, db, tmp_path):
+    """Two `map build`/`map add` on one map would interleave chunk numbers: the second is refused with
+    the holder's pid, and nothing of the map is touched; once the first is done, writing works."""
+    import os
+
+    from vpr_edge.runtime.maps import writer_lock
+
+    m = build_map(db[:3], art, tmp_path / "map", progress=False, threads=1)
+    before = sorted(p.name for p in (m.folder / "chunks").iterdir())
+    with writer_lock(m.folder):  # another open file description: conflicts like another process would
+        with pytest.raises(ArtifactError, match=rf"being written by another .*pid {os.getpid()}"):
+            add_to_map(m.folder, db[3:5], progress=False, threads=1)
+        with pytest.raises(ArtifactError, match="being written by another"):
+            build_map(db[:3], art, tmp_path / "map", force=True, progress=False, threads=1)
+    assert sorted(p.name for p in (m.folder / "chunks").iterdir()) == before
+    _, n = add_to_map(m.folder, db[3:5], progress=False, threads=1)
+    assert n == 2
+
+
 def test_moved_map_needs_model(art, db, tmp_path):
     moved_art = shutil.copytree(art, tmp_path / "art")
     m = build_map(db[:4], moved_art, tmp_path / "map", progress=False, threads=1)

@@ -15,12 +15,18 @@ Layout of MAP/:
 A build killed at any point loses at most the chunk in progress: rerunning the same command
 skips every committed image and builds the index at the end from all chunks. `add` appends
 chunks the same way (and retries images that were unreadable before).
+
+One writer at a time: `build` and `add` hold an exclusive lock on `.MAP.lock` next to the map
+folder (beside it, not inside: `--force` removes the folder), so a second build/add of the same map
+is refused instead of interleaving chunk numbers. Where fcntl is missing (Windows) there is no lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +49,34 @@ REPORT = "unreadable.tsv"
 METADATA = (None, "utm")
 
 OnCommit = Callable[[int, int], None]  # (chunk id, images committed so far)
+
+
+@contextlib.contextmanager
+def writer_lock(folder: Path):
+    """Exclusive right to write map `folder`; refused at once (one line, with the holder's pid) if taken."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        yield
+        return
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = folder.parent / f".{folder.name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise ArtifactError(
+                f"{folder} is being written by another `vpr-edge map build/add` (pid {holder}); wait for it to "
+                "finish, or write to another --output"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock; the file stays (removing it would race a waiting writer)
 
 
 # -- chunk store ---------------------------------------------------------------------------------
@@ -425,9 +459,10 @@ def build_map(
     own = describer is None
     describer = describer or Describer.from_artifact(artifact, **describer_kwargs)
     try:
-        return _build(
-            out, paths, describer, str(artifact), batch, spec, metadata, chunk_size, force, progress, on_commit
-        )
+        with writer_lock(out):
+            return _build(
+                out, paths, describer, str(artifact), batch, spec, metadata, chunk_size, force, progress, on_commit
+            )
     finally:
         if own:
             describer.close()
@@ -498,24 +533,28 @@ def add_to_map(
     own = describer is None
     describer = describer or Describer.from_artifact(source, **describer_kwargs)
     try:
-        _space_refusal(m.manifest, describer.artifact.manifest, m.folder, str(source))
-        m.details["complete"] = False  # an interrupted add leaves the map visibly unfinished
-        m.manifest.save(m.folder)
-        chunk_size = int(m.details.get("chunk_size", 256))
-        n = _encode(
-            m,
-            describer,
-            paths,
-            retry_failed=True,
-            batch=batch,
-            chunk_size=chunk_size,
-            progress=progress,
-            on_commit=on_commit,
-        )
-        return _finalize(m), n
+        with writer_lock(m.folder):
+            return _add(m, describer, source, paths, batch, progress, on_commit)
     finally:
         if own:
             describer.close()
+
+
+def _add(m: Map, describer, source, paths, batch: int, progress: bool, on_commit) -> tuple[Map, int]:
+    _space_refusal(m.manifest, describer.artifact.manifest, m.folder, str(source))
+    m.details["complete"] = False  # an interrupted add leaves the map visibly unfinished
+    m.manifest.save(m.folder)
+    n = _encode(
+        m,
+        describer,
+        paths,
+        retry_failed=True,
+        batch=batch,
+        chunk_size=int(m.details.get("chunk_size", 256)),
+        progress=progress,
+        on_commit=on_commit,
+    )
+    return _finalize(m), n
 
 
 def query_map(
