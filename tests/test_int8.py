@@ -214,3 +214,23 @@ def test_rewrites_are_exact_and_keep_standard_ops():
     assert "ls" not in names and {"fc1", "fc2", "gelu", "half"} <= names  # node names kept for exclusions
     np.testing.assert_allclose(run(model, x), before, rtol=1e-5, atol=1e-5)
     assert tidy_for_ort(model) == {"gelu_reordered_for_ort_fusion": 0, "layerscale_folded_into_weights": 0}
+
+
+@pytest.mark.slow
+def test_fallback_also_clears_the_cosine_threshold(toy_path, data, tmp_path, monkeypatch):
+    """A top-1 target that plain INT8 already meets while its mean cosine misses the gate: the search
+    keeps blocks until the artifact passes the gate, instead of keeping none. (The toy's INT8 cosine is
+    ~0.99 whatever the calibration, so the gate's cosine threshold is raised above it here.)"""
+    from vpr_edge.engines.fidelity import THRESHOLDS
+
+    full, cal = data
+    verify = VerifyData(full.images[::2], np.arange(16), np.arange(16, 32), None, "corridor, every other image")
+    plain = lower_onnx(toy_path, tmp_path / "plain.onnx", "int8", verify, calibration=cal[:16], accept_fidelity=True)
+    rep = plain.verification["report"]
+    monkeypatch.setitem(THRESHOLDS["int8"], "cos_mean", (rep["cos_mean"] + 1.0) / 2)
+    monkeypatch.setitem(THRESHOLDS["int8"], "top1_agreement", 0.0)
+    result = lower_onnx(toy_path, tmp_path / "fb.onnx", "int8", verify, calibration=cal[:16],
+                        target_agreement=rep["top1_agreement"])
+    assert result.verification["passed"], result.verification["failures"]
+    assert result.verification["report"]["cos_mean"] >= THRESHOLDS["int8"]["cos_mean"] > rep["cos_mean"]
+    assert result.details["fallback"]["met"] and result.details["fallback"]["blocks"]
