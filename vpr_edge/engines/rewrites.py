@@ -38,6 +38,16 @@ def _only_consumer(idx: GraphIndex, tensor: str, op_type: str):
     return node if node.op_type == op_type else None
 
 
+def _constant_and_other(node, op_type: str, inits: dict[str, Any]) -> tuple[str, str] | None:
+    """(its one initializer input, its other input) for a binary `op_type` node, else None."""
+    if node is None or node.op_type != op_type or len(node.input) != 2:
+        return None
+    consts = [t for t in node.input if t in inits]
+    if len(consts) != 1:
+        return None
+    return consts[0], next(t for t in node.input if t != consts[0])
+
+
 def reorder_gelu(model) -> int:
     """Rewrite every `x * (0.5 * (1 + erf(x / sqrt2)))` as `(x * 0.5) * (1 + erf(x / sqrt2))`, in
     place (node names and output tensor names kept). Returns how many were rewritten."""
@@ -80,21 +90,15 @@ def fold_layerscale(model) -> int:
     inits = {i.name: i for i in model.graph.initializer}
     removed = []
     for mul in list(idx.nodes.values()):
-        if mul.op_type != "Mul" or len(mul.input) != 2:
+        split = _constant_and_other(mul, "Mul", inits)
+        if split is None or mul.output[0] in idx.graph_outputs:
             continue
-        consts = [t for t in mul.input if t in inits]
-        if len(consts) != 1 or mul.output[0] in idx.graph_outputs:
-            continue
-        gamma_name = consts[0]
-        branch = next(t for t in mul.input if t != gamma_name)
+        gamma_name, branch = split
         add = idx.nodes.get(idx.producer.get(branch, ""))
-        if add is None or add.op_type != "Add" or len(idx.consumers.get(branch, [])) != 1:
+        split = _constant_and_other(add, "Add", inits)
+        if split is None or len(idx.consumers.get(branch, [])) != 1:
             continue
-        bias_names = [t for t in add.input if t in inits]
-        if len(bias_names) != 1:
-            continue
-        bias_name = bias_names[0]
-        mm_out = next(t for t in add.input if t != bias_name)
+        bias_name, mm_out = split
         mm = idx.nodes.get(idx.producer.get(mm_out, ""))
         if mm is None or mm.op_type != "MatMul" or len(idx.consumers.get(mm_out, [])) != 1:
             continue
