@@ -181,3 +181,21 @@ def test_agreement_cosine_and_ranking():
     other[5] = db[4]
     rep = compare_descriptors(db, other, np.arange(4), np.arange(4, 6))
     assert rep["cos_min"] < 1.0 and rep["top1_agreement"] in (0.5, 1.0) and rep["top1_overlap"] <= 1.0
+
+
+def test_agreement_with_ties_forgives_only_fp32_level_swaps():
+    # database images 0 and 1 score 1e-7 apart for the query: a 1e-6 norm error on image 1 swaps
+    # them (strict top-1 disagrees); that is a numerical tie
+    q = np.array([[1.0, 0.0]])
+    db = np.array([[1.0, 0.0], [1.0 - 1e-7, 0.0], [0.99, 0.14], [0.5, 0.866]])
+    ref = np.vstack([db, q])
+    tied = ref.copy()
+    tied[1] *= 1.0 + 1e-6
+    rep = compare_descriptors(ref, tied, np.arange(4), [4], ks=(1, 2))
+    assert rep["top1_agreement"] == 0.0 and rep["top1_agreement_ties"] == 1.0 and rep["top2_agreement_ties"] == 1.0
+    assert rep["score_err_max"] == pytest.approx(1e-6, rel=1e-3)
+    # image 2 overtakes across a 1e-2 gap: a ranking change, whatever the scale of the error
+    moved = ref.copy()
+    moved[2] *= 1.02
+    rep = compare_descriptors(ref, moved, np.arange(4), [4], ks=(1, 2))
+    assert rep["top1_agreement"] == 0.0 and rep["top1_agreement_ties"] == 0.0

@@ -246,3 +246,14 @@ def test_step_peak_memory_sees_a_short_allocation():
     steps.run("spike", spike)
     steps.run("quiet", lambda: None)
     assert steps.peak_rss_gib["spike"] - steps.peak_rss_gib["quiet"] >= 0.2
+
+
+def test_fp32_gate_forgives_numerical_ties_only():
+    from vpr_edge.export.artifact import _check_fp32
+
+    base = {"rel_err": 3e-6, "nonfinite": 0, "score_err_max": 6e-6}
+    # BoQ-ResNet50 with random weights: the top 5 reordered among images scored ~1e-6 apart
+    assert _check_fp32({**base, "top5_agreement": 0.875, "top5_agreement_ties": 1.0}) == []
+    fails = _check_fp32({**base, "top5_agreement": 0.875, "top5_agreement_ties": 0.97})
+    assert len(fails) == 1 and "top-5 agreement 0.970 < 1.0" in fails[0]
+    assert _check_fp32({**base, "rel_err": 2e-4, "top5_agreement": 1.0, "top5_agreement_ties": 1.0})

@@ -24,7 +24,8 @@ from vpr_edge.presets import Preset
 
 log = logging.getLogger(__name__)
 
-FP32_TOLERANCE = {"rel_err": 1e-4, "top5_agreement": 1.0}
+# top-5 identical up to swaps of images the reference scores within fidelity.TIE_EPS (numerical ties)
+FP32_TOLERANCE = {"rel_err": 1e-4, "top5_agreement_ties": 1.0}
 PRECISIONS = ("fp32", "fp16", "int8")
 SCOPES = ("backbone", "descriptor")
 
@@ -87,8 +88,11 @@ def _check_fp32(report: dict) -> list[str]:
     fails = []
     if report["rel_err"] > FP32_TOLERANCE["rel_err"]:
         fails.append(f"rel_err {report['rel_err']:.2e} > {FP32_TOLERANCE['rel_err']:.0e}")
-    if report["top5_agreement"] < FP32_TOLERANCE["top5_agreement"]:
-        fails.append(f"top-5 agreement {report['top5_agreement']:.3f} < 1.0")
+    if report["top5_agreement_ties"] < FP32_TOLERANCE["top5_agreement_ties"]:
+        fails.append(
+            f"top-5 agreement {report['top5_agreement_ties']:.3f} < 1.0 (swaps of images the reference scores within "
+            f"{fidelity.TIE_EPS:.0e} counted as ties; score error {report['score_err_max']:.1e})"
+        )
     if report["nonfinite"]:
         fails.append(f"{report['nonfinite']} non-finite outputs")
     return fails

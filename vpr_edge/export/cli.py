@@ -100,6 +100,15 @@ def _engine_step(out: Path, args) -> int:
     return 0
 
 
+def _ties_note(rep: dict) -> str:
+    from vpr_edge.fidelity import TIE_EPS
+
+    ties = rep.get("top5_agreement_ties")
+    if ties is None or ties == rep["top5_agreement"]:
+        return ""
+    return f" ({ties:.3f} counting swaps of images the reference scores within {TIE_EPS:.0e} as ties)"
+
+
 def _summary(out: Path, m) -> None:
     v = m.verification
     prec = m.details["precision"]
@@ -109,6 +118,7 @@ def _summary(out: Path, m) -> None:
         f"wrote {out} ({prec}, {m.details['scope']}, {size:.1f} MiB): vs PyTorch on {v['set']['n_images']} "
         f"{v['set']['source']} images: cos min {rep['cos_min']:.6f}, rel err {rep['rel_err']:.2e}, "
         f"top-1 agreement {rep['top1_agreement']:.3f}, top-5 agreement {rep['top5_agreement']:.3f}"
+        + _ties_note(rep)
     )
     if prec != "fp32" and not v[prec].get("passed", True):
         print(f"WARNING: outside the {prec} thresholds ({'; '.join(v[prec].get('failures', []))}); written because of --accept-fidelity")

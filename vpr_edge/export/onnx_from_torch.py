@@ -60,6 +60,10 @@ def onnx_from_torch(
         if sub is not wrapped and callable(getattr(sub, "freeze", None)):
             sub.freeze()
     sink = io.StringIO()
+    # onnxscript's optimizer warns once per multi-output Split it leaves unfolded (BoQ-ResNet50: 8 lines)
+    quiet = logging.getLogger("onnxscript.optimizer")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(sink):
             warnings.simplefilter("ignore")
@@ -77,6 +81,8 @@ def onnx_from_torch(
             program.save(str(path), external_data=external)
     except OSError as exc:
         raise ArtifactError(f"writing {path} failed: {exc.strerror or exc}; check disk space and permissions") from exc
+    finally:
+        quiet.setLevel(level)
     log.debug(sink.getvalue())
     return path
 
