@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--output", type=Path, required=True)
     ap.add_argument("--verify-limit", type=int, default=64)
     ap.add_argument("--bench-limit", type=int, default=32)
+    ap.add_argument("--calibration-limit", type=int, default=None, help="INT8 calibration images (default: all 111)")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--target-agreement", type=float, default=None, help="passed to the FP16/INT8 exports")
@@ -68,6 +69,8 @@ def main() -> None:
                "--output", str(arts / "fp16")], log)
     int8 = ["export", *common, *same_space, "--precision", "int8", "--accept-fidelity", "--calibration",
             str(CORRIDOR / "database")]
+    if args.calibration_limit:
+        int8 += ["--calibration-limit", str(args.calibration_limit)]
     run(exe + [*int8, *target, "--output", str(arts / "int8")], log)
     kinds = {"fp32": "onnx-fp32", "fp16": "onnx-fp16", "int8": "onnx-int8"}
     if args.int8_target:

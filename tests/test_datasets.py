@@ -194,6 +194,7 @@ def test_agreement_with_ties_forgives_only_fp32_level_swaps():
     rep = compare_descriptors(ref, tied, np.arange(4), [4], ks=(1, 2))
     assert rep["top1_agreement"] == 0.0 and rep["top1_agreement_ties"] == 1.0 and rep["top2_agreement_ties"] == 1.0
     assert rep["score_err_max"] == pytest.approx(1e-6, rel=1e-3)
+    assert rep["ref_top1_margin_p50"] == pytest.approx(1e-7, rel=1e-3) and rep["ref_score_spread_p50"] == pytest.approx(0.5)
     # image 2 overtakes across a 1e-2 gap: a ranking change, whatever the scale of the error
     moved = ref.copy()
     moved[2] *= 1.02

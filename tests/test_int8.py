@@ -212,6 +212,7 @@ def test_rewrites_are_exact_and_keep_standard_ops():
     onnx.checker.check_model(model)
     names = {node.name for node in model.graph.node}
     assert "ls" not in names and {"fc1", "fc2", "gelu", "half"} <= names  # node names kept for exclusions
+    assert "gamma" not in {i.name for i in model.graph.initializer}  # folded, so no dead initializer is left
     np.testing.assert_allclose(run(model, x), before, rtol=1e-5, atol=1e-5)
     assert tidy_for_ort(model) == {"gelu_reordered_for_ort_fusion": 0, "layerscale_folded_into_weights": 0}
 
@@ -234,3 +235,20 @@ def test_fallback_also_clears_the_cosine_threshold(toy_path, data, tmp_path, mon
     assert result.verification["passed"], result.verification["failures"]
     assert result.verification["report"]["cos_mean"] >= THRESHOLDS["int8"]["cos_mean"] > rep["cos_mean"]
     assert result.details["fallback"]["met"] and result.details["fallback"]["blocks"]
+
+
+def test_export_cli_calibration_limit_is_recorded(corridor, tmp_path, capsys):
+    import json
+
+    from vpr_edge.cli.main import main
+
+    out = tmp_path / "int8"
+    base = ["export", "--model", "anyloc-dinov2@tiny", "--weights", "random", "--verify", str(corridor),
+            "--verify-limit", "12", "--precision", "int8", "--calibration", str(corridor / "database"),
+            "--accept-fidelity", "--quiet", "--output", str(out)]
+    assert main(base + ["--calibration-limit", "0"]) == 2
+    assert "--calibration-limit must be >= 1" in capsys.readouterr().err and not out.exists()
+    assert main(base + ["--calibration-limit", "20"]) in (0, 4)
+    details = json.loads((out / "manifest.json").read_text())["details"]
+    assert details["calibration_set"] == {"source": str(corridor / "database"), "images": 20, "available": 111, "limit": 20}
+    assert details["int8"]["calibration"]["images"] == 20

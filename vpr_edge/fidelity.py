@@ -11,6 +11,9 @@ Definitions (the same everywhere, so numbers in manifests and benchmarks compare
 - recall@k: fraction of queries with at least one ground-truth positive among the top k.
 - score_err_max: max |q.d (test) - q.d (ref)| over all query/database pairs (raw inner products,
   as rank_database and the runtime's maps score).
+- ref_top1_margin_p50 / ref_score_spread_p50: medians over queries of the reference's top-1 minus
+  top-2 score, and of its best minus worst database score: how decidable the ranking is at all
+  (random weights often give spreads under 0.01, where any numeric change reorders).
 - topk_agreement_ties: topk_agreement where position p may hold a different image if the reference
   scores it within TIE_EPS of the reference's image at p. A swap of images whose reference scores
   differ by g needs score errors of g/2, so this only forgives what an FP32-level score error
@@ -89,6 +92,10 @@ def compare_descriptors(
     s_ref = ref[q_idx] @ ref[db_idx].T
     s_err = float(np.abs(t[q_idx] @ t[db_idx].T - s_ref).max()) if s_ref.size else 0.0
     report["score_err_max"] = s_err
+    if s_ref.shape[1] >= 2:
+        top2 = -np.sort(-s_ref, axis=1)[:, :2]
+        report["ref_top1_margin_p50"] = float(np.median(top2[:, 0] - top2[:, 1]))
+        report["ref_score_spread_p50"] = float(np.median(s_ref.max(1) - s_ref.min(1)))
     rows = np.arange(len(q_idx))[:, None]
     for k in ks:
         kk = min(k, r_ref.shape[1])

@@ -89,6 +89,7 @@ def fold_layerscale(model) -> int:
     idx = GraphIndex.of(model)
     inits = {i.name: i for i in model.graph.initializer}
     removed = []
+    gammas: set[str] = set()
     for mul in list(idx.nodes.values()):
         split = _constant_and_other(mul, "Mul", inits)
         if split is None or mul.output[0] in idx.graph_outputs:
@@ -117,8 +118,13 @@ def fold_layerscale(model) -> int:
             node = idx.nodes[user]
             node.input[:] = [branch if t == mul.output[0] else t for t in node.input]
         removed.append(mul)
+        gammas.add(gamma_name)
     for node in removed:
         model.graph.node.remove(node)
+    # a folded gamma has no reader left; ORT and TensorRT warn about dead initializers
+    still_read = {t for node in model.graph.node for t in node.input}
+    for init in [i for i in model.graph.initializer if i.name in gammas and i.name not in still_read]:
+        model.graph.initializer.remove(init)
     return len(removed)
 
 

@@ -41,6 +41,7 @@ class ExportOptions:
     accept_fidelity: bool = False
     calibration: Path | None = None
     calibration_method: str = "max"
+    calibration_limit: int = 512  # images taken from `calibration`, evenly spaced
     target_agreement: float | None = None
     io_dtype: str = "float32"
     engine: bool = False
@@ -61,6 +62,8 @@ class ExportOptions:
             raise ConfigError(f"--batch must be a positive number or 'dynamic', got {self.batch}")
         if self.torch_worker not in ("auto", "on", "off"):
             raise ConfigError(f"--torch-worker must be auto, on or off, got {self.torch_worker!r}")
+        if self.calibration_limit < 1:
+            raise ConfigError(f"--calibration-limit must be >= 1, got {self.calibration_limit}")
         if self.verify_limit < 4:
             raise ConfigError(f"--verify-limit must be >= 4, got {self.verify_limit}")
 

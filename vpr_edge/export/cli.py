@@ -44,6 +44,8 @@ def register(sub) -> None:
     q.add_argument("--calibration", type=Path, default=None, metavar="DIR",
                    help="INT8 calibration images (hundreds recommended; default: the verify images)")
     q.add_argument("--calibration-method", choices=("max", "entropy", "percentile"), default="max")
+    q.add_argument("--calibration-limit", type=int, default=512, metavar="N",
+                   help="use at most N images of --calibration, evenly spaced (default 512)")
     q.add_argument("--target-agreement", type=float, default=None, metavar="F",
                    help="keep the fewest blocks in higher precision so top-1 agreement with FP32 reaches F")
     q.add_argument("--io-dtype", choices=("float32", "float16"), default="float32", help="FP16 graph input/output type")
@@ -70,6 +72,7 @@ def _run(args) -> int:
         accept_fidelity=args.accept_fidelity,
         calibration=args.calibration,
         calibration_method=args.calibration_method,
+        calibration_limit=args.calibration_limit,
         target_agreement=args.target_agreement,
         io_dtype=args.io_dtype,
         engine=args.engine,

@@ -20,7 +20,9 @@ def lower_precision(preset, aggregator, fp32_path: Path, vs, ref_desc: np.ndarra
     calib_source = ""
     calib_info: dict[str, Any] = {}
     if options.calibration is not None:
-        calib, calib_info = C.calibration_images(options.calibration, preset.preprocess, progress=options.progress)
+        calib, calib_info = C.calibration_images(
+            options.calibration, preset.preprocess, limit=options.calibration_limit, progress=options.progress
+        )
         calib_source = str(options.calibration)
     def to_desc(features: np.ndarray) -> np.ndarray:
         return descriptors_from_features(aggregator, features)
