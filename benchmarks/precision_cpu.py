@@ -27,7 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 CORRIDOR = REPO.parent / "shared" / "data" / "corridor"
 
 
-def run(cmd: list[str], log: list[str]) -> None:
+def run(cmd: list[str], log: list[str], reuse: Path | None = None) -> None:
+    """Run `cmd`; with `reuse`, an artifact folder already holding a manifest (an earlier, interrupted
+    run of the same command) is kept and the command is only logged."""
+    if reuse is not None and (reuse / "manifest.json").is_file() and (reuse / "model.onnx").is_file():
+        log.append(f"# reused {reuse} from an earlier run of: {shlex.join(cmd)}")
+        print(log[-1], flush=True)
+        return
     log.append(shlex.join(cmd))
     print("$", shlex.join(cmd), flush=True)
     t = time.perf_counter()
@@ -50,6 +56,8 @@ def main() -> None:
     ap.add_argument("--int8-target", type=float, default=None,
                     help="also export and bench INT8 with --target-agreement F (variant onnx-int8-fallback)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for PyTorch and ONNX Runtime in the bench")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep artifacts an interrupted earlier run already wrote (their commands are logged as reused)")
     args = ap.parse_args()
 
     out = args.output
@@ -59,22 +67,23 @@ def main() -> None:
     log: list[str] = []
     common = ["--model", args.model, "--weights", "random", "--verify", str(CORRIDOR), "--verify-limit",
               str(args.verify_limit), "--quiet", "--force"]
-    run(exe + ["export", *common, "--output", str(arts / "fp32")], log)
+    reuse = (lambda name: arts / name) if args.reuse else (lambda name: None)
+    run(exe + ["export", *common, "--output", str(arts / "fp32")], log, reuse("fp32"))
     vocab = arts / "fp32" / "vocabulary.npz"
     same_space = ["--vocabulary", str(vocab)] if vocab.exists() else []
     pca = arts / "fp32" / "pca.npz"
     same_space += ["--pca", str(pca)] if pca.exists() else []
     target = ["--target-agreement", str(args.target_agreement)] if args.target_agreement else []
     run(exe + ["export", *common, *same_space, *target, "--precision", "fp16", "--accept-fidelity",
-               "--output", str(arts / "fp16")], log)
+               "--output", str(arts / "fp16")], log, reuse("fp16"))
     int8 = ["export", *common, *same_space, "--precision", "int8", "--accept-fidelity", "--calibration",
             str(CORRIDOR / "database")]
     if args.calibration_limit:
         int8 += ["--calibration-limit", str(args.calibration_limit)]
-    run(exe + [*int8, *target, "--output", str(arts / "int8")], log)
+    run(exe + [*int8, *target, "--output", str(arts / "int8")], log, reuse("int8"))
     kinds = {"fp32": "onnx-fp32", "fp16": "onnx-fp16", "int8": "onnx-int8"}
     if args.int8_target:
-        run(exe + [*int8, "--target-agreement", str(args.int8_target), "--output", str(arts / "int8-fallback")], log)
+        run(exe + [*int8, "--target-agreement", str(args.int8_target), "--output", str(arts / "int8-fallback")], log, reuse("int8-fallback"))
         kinds["int8-fallback"] = "onnx-int8-fallback"
     variants = [a for k, name in kinds.items() for a in ("--variant", f"{name}={arts / k}")]
     run(exe + ["bench", str(CORRIDOR), *variants, "--pytorch", "onnx-fp32", "--weights", "random", "--threads",

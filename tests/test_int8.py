@@ -252,3 +252,50 @@ def test_export_cli_calibration_limit_is_recorded(corridor, tmp_path, capsys):
     details = json.loads((out / "manifest.json").read_text())["details"]
     assert details["calibration_set"] == {"source": str(corridor / "database"), "images": 20, "available": 111, "limit": 20}
     assert details["int8"]["calibration"]["images"] == 20
+
+
+def test_lean_max_calibration_matches_orts_calibrator(toy_path, data, tmp_path):
+    """engines.minmax gives ORT's MinMax ranges (same tensors, same numbers) from one weight copy,
+    and int8_from_onnx with it writes the same quantised graph as ORT's own calibrator."""
+    import json
+
+    from onnxruntime import quantization as q
+
+    from vpr_edge.engines import minmax
+    from vpr_edge.engines.int8 import QUANTIZED_OPS
+
+    cal = data[1][:16]
+    ours = minmax.minmax_ranges(toy_path, batches(cal, 4), QUANTIZED_OPS)
+    ort_cache = tmp_path / "ort.json"
+    q.quantize_static(str(toy_path), str(tmp_path / "ort.onnx"), I_reader(cal), quant_format=q.QuantFormat.QDQ,
+                      op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True, activation_type=q.QuantType.QInt8,
+                      weight_type=q.QuantType.QInt8, calibrate_method=q.CalibrationMethod.MinMax,
+                      extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+                      calibration_cache_path=str(ort_cache))
+    theirs = q.calibrate.load_tensors_data(ort_cache).data
+    assert set(ours) == set(theirs) and len(ours) > 10
+    for t, (lo, hi) in ours.items():
+        np.testing.assert_allclose([lo, hi], np.ravel(theirs[t].range_value), rtol=1e-6, err_msg=t)
+    # and through int8_from_onnx: the graph's scales equal those from ORT's calibrator
+    a = int8_from_onnx(toy_path, tmp_path / "lean.onnx", batches(cal, 4), "max")
+    cache = tmp_path / "cache.json"
+    minmax.write_ort_cache({t: (np.float32(v.range_value[0]), np.float32(v.range_value[1])) for t, v in theirs.items()}, cache)
+    b = int8_from_onnx(toy_path, tmp_path / "orts.onnx", batches(cal, 4), "max", calibration_cache=cache)
+    assert a.quantized == b.quantized
+
+    def scales(path):
+        m = onnx.load(str(path))
+        return {i.name: numpy_helper.to_array(i) for i in m.graph.initializer if i.name.endswith("_scale")}
+
+    sa, sb = scales(tmp_path / "lean.onnx"), scales(tmp_path / "orts.onnx")
+    assert sa.keys() == sb.keys() and sa
+    for k in sa:
+        np.testing.assert_allclose(sa[k], sb[k], rtol=1e-6, err_msg=k)
+    assert not list(tmp_path.glob(".*calibrate.onnx")) and not list(tmp_path.glob(".*ranges.json"))
+    json.loads(cache.read_text())
+
+
+def I_reader(images):
+    from vpr_edge.engines.int8 import batch_reader
+
+    return batch_reader(batches(images, 4), "images")

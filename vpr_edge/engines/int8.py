@@ -24,8 +24,10 @@ Measured on ViT-S/14 (AnyLoc, Corridor, 2 AMD EPYC cores, ORT 1.31; benchmarks/r
 - calibration: 'max' is best here; ORT's entropy calibrator returns the max ranges on this model,
   and percentile clipping (99.99 / 99.999) lowers cosine (0.968 -> 0.951 / 0.960).
 
-Calibration is ORT's (MinMax / Entropy / Percentile over the calibration batches); ranges can be
-cached in a file so the fallback search, which re-quantises with different exclusions, calibrates once.
+Calibration: 'max' runs `engines.minmax` (ORT's MinMax ranges from a session holding one copy of the
+weights; ORT's own calibrator OOM-killed the ViT-G INT8 export on 24 GiB) and hands them to ORT as its
+calibration cache; 'entropy'/'percentile' use ORT's histogram calibrators. Ranges can be cached in a
+file so the fallback search, which re-quantises with different exclusions, calibrates once.
 """
 
 from __future__ import annotations
@@ -205,6 +207,7 @@ def int8_from_onnx(
     calibration_cache: a JSON file for ORT's tensor ranges; an existing one is reused (the
     fallback search quantises many times from one calibration; pass the same `rewrite`)."""
     q = lazy_import("onnxruntime.quantization")
+    calibration_cache_arg = calibration_cache
     if method not in CALIBRATION_METHODS:
         raise ConfigError(f"--calibration-method must be one of {sorted(CALIBRATION_METHODS)}, got {method!r}")
     src_onnx, dst_onnx = Path(src_onnx), Path(dst_onnx)
@@ -263,7 +266,16 @@ def int8_from_onnx(
             quant_src = dst_onnx.parent / f".{dst_onnx.stem}.rewritten.onnx"
             G.save(full, quant_src)
         del full
+    own_cache = None
     try:
+        if method == "max" and not (calibration_cache and Path(calibration_cache).is_file()):
+            # our own lean pass (one copy of the weights), handed to ORT as its calibration cache
+            from vpr_edge.engines import minmax
+
+            ranges = minmax.minmax_ranges(quant_src, _read_all(reader), QUANTIZED_OPS, input_name=input_name)
+            own_cache = Path(calibration_cache) if calibration_cache else dst_onnx.parent / f".{dst_onnx.stem}.ranges.json"
+            minmax.write_ort_cache(ranges, own_cache)
+            calibration_cache = own_cache
         with _quiet_ort():
             q.quantize_static(
                 str(quant_src),
@@ -284,6 +296,8 @@ def int8_from_onnx(
     except (ValueError, RuntimeError, TypeError) as exc:  # ORT reports bad inputs/graphs this way
         raise ArtifactError(f"INT8 quantisation of {src_onnx} failed: {exc}") from exc
     finally:
+        if own_cache is not None and own_cache != Path(calibration_cache_arg or ""):
+            own_cache.unlink(missing_ok=True)
         if quant_src != src_onnx:
             for f in G.external_data_files(quant_src):
                 f.unlink(missing_ok=True)
@@ -307,6 +321,16 @@ def int8_from_onnx(
         rewrites=rewrites,
         quantize_attention=quantize_attention,
     )
+
+
+def _read_all(reader) -> Iterator[np.ndarray]:
+    """The batches of a CalibrationDataReader (rewound first when it can be, and after)."""
+    if hasattr(reader, "rewind"):
+        reader.rewind()
+    while (item := reader.get_next()) is not None:
+        yield next(iter(item.values()))
+    if hasattr(reader, "rewind"):
+        reader.rewind()
 
 
 class _DropAdvice(logging.Filter):
