@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from vpr_edge.engines.ortrun import cpu_session
 from vpr_edge.lazy import lazy_import
 
 _FLOAT = (1, 10)  # TensorProto.FLOAT, FLOAT16
@@ -75,15 +76,6 @@ def write_augmented(model_path: Path, op_types: Sequence[str]) -> tuple[Path, li
     return aug, names
 
 
-def session(path: Path):
-    """ONNX Runtime CPU session holding one copy of the weights."""
-    ort = lazy_import("onnxruntime")
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.disable_prepacking", "1")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def minmax_ranges(
     model_path: str | Path, batches: Iterable[np.ndarray], op_types: Sequence[str], *, symmetric: bool = False,
     input_name: str | None = None,
@@ -92,7 +84,7 @@ def minmax_ranges(
     model_path = Path(model_path)
     aug, names = write_augmented(model_path, op_types)
     try:
-        sess = session(aug)
+        sess = cpu_session(aug, prepack=False)
         input_name = input_name or sess.get_inputs()[0].name
         lo = np.full(len(names), np.inf, dtype=np.float32)
         hi = np.full(len(names), -np.inf, dtype=np.float32)

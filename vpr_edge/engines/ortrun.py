@@ -13,10 +13,14 @@ from vpr_edge.lazy import lazy_import
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-def cpu_session(path: str | Path, *, threads: int = 0, optimize: bool = True) -> Any:
+def cpu_session(path: str | Path, *, threads: int = 0, optimize: bool = True, prepack: bool = True) -> Any:
+    """prepack=False: run on the loaded weights as they are instead of prepacking a second copy of every
+    MatMul weight (~1x the weights resident instead of ~2x; for verification and calibration passes)."""
     ort = lazy_import("onnxruntime")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         opts.intra_op_num_threads = threads
     if not optimize:

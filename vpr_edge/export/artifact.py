@@ -69,15 +69,10 @@ class ExportOptions:
 
 
 def _ort_session(path: Path):
-    from vpr_edge.lazy import lazy_import
+    from vpr_edge.engines.ortrun import cpu_session
 
-    ort = lazy_import("onnxruntime")
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    # Verification runs a few images: read the (memory-mapped) weights in place instead of
-    # prepacking a second copy of every MatMul weight (peak ~1x weights instead of ~2x).
-    so.add_session_config_entry("session.disable_prepacking", "1")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    # verification runs a few images: peak ~1x the weights instead of ~2x
+    return cpu_session(path, prepack=False)
 
 
 def run_onnx(path: Path, images: np.ndarray, batch: int | None) -> np.ndarray:
