@@ -38,10 +38,14 @@ def _l2n(x: np.ndarray) -> np.ndarray:
 
 def rank_database(db: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Top-k database indices per query by inner product (descriptors are L2-normalised)."""
-    k = min(k, len(db))
-    sims = queries.astype(np.float64) @ db.astype(np.float64).T
+    return _rank(queries.astype(np.float64) @ db.astype(np.float64).T, k)
+
+
+def _rank(sims: np.ndarray, k: int) -> np.ndarray:
+    """Top-k columns per row of a [Q, N] score matrix, best first."""
+    k = min(k, sims.shape[1])
     # stable tie-breaking by index so equal scores rank identically in every stage
-    order = np.lexsort((np.broadcast_to(np.arange(len(db)), sims.shape), -sims), axis=1)
+    order = np.lexsort((np.broadcast_to(np.arange(sims.shape[1]), sims.shape), -sims), axis=1)
     return order[:, :k]
 
 
@@ -87,10 +91,10 @@ def compare_descriptors(
     report["cos_mean"] = float(cos.mean())
     db_idx, q_idx = np.asarray(db_idx), np.asarray(q_idx)
     kmax = max(ks)
-    r_ref = rank_database(ref[db_idx], ref[q_idx], kmax)
-    r_test = rank_database(t[db_idx], t[q_idx], kmax)
     s_ref = ref[q_idx] @ ref[db_idx].T
-    s_err = float(np.abs(t[q_idx] @ t[db_idx].T - s_ref).max()) if s_ref.size else 0.0
+    s_test = t[q_idx] @ t[db_idx].T
+    r_ref, r_test = _rank(s_ref, kmax), _rank(s_test, kmax)
+    s_err = float(np.abs(s_test - s_ref).max()) if s_ref.size else 0.0
     report["score_err_max"] = s_err
     if s_ref.shape[1] >= 2:
         top2 = -np.sort(-s_ref, axis=1)[:, :2]

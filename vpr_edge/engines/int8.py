@@ -207,7 +207,6 @@ def int8_from_onnx(
     calibration_cache: a JSON file for ORT's tensor ranges; an existing one is reused (the
     fallback search quantises many times from one calibration; pass the same `rewrite`)."""
     q = lazy_import("onnxruntime.quantization")
-    calibration_cache_arg = calibration_cache
     if method not in CALIBRATION_METHODS:
         raise ConfigError(f"--calibration-method must be one of {sorted(CALIBRATION_METHODS)}, got {method!r}")
     src_onnx, dst_onnx = Path(src_onnx), Path(dst_onnx)
@@ -266,16 +265,16 @@ def int8_from_onnx(
             quant_src = dst_onnx.parent / f".{dst_onnx.stem}.rewritten.onnx"
             G.save(full, quant_src)
         del full
-    own_cache = None
+    temp_cache = None  # our ranges, when the caller keeps no cache of its own
     try:
         if method == "max" and not (calibration_cache and Path(calibration_cache).is_file()):
             # our own lean pass (one copy of the weights), handed to ORT as its calibration cache
             from vpr_edge.engines import minmax
 
             ranges = minmax.minmax_ranges(quant_src, _read_all(reader), QUANTIZED_OPS, input_name=input_name)
-            own_cache = Path(calibration_cache) if calibration_cache else dst_onnx.parent / f".{dst_onnx.stem}.ranges.json"
-            minmax.write_ort_cache(ranges, own_cache)
-            calibration_cache = own_cache
+            if not calibration_cache:
+                calibration_cache = temp_cache = dst_onnx.parent / f".{dst_onnx.stem}.ranges.json"
+            minmax.write_ort_cache(ranges, calibration_cache)
         with _quiet_ort():
             q.quantize_static(
                 str(quant_src),
@@ -296,8 +295,8 @@ def int8_from_onnx(
     except (ValueError, RuntimeError, TypeError) as exc:  # ORT reports bad inputs/graphs this way
         raise ArtifactError(f"INT8 quantisation of {src_onnx} failed: {exc}") from exc
     finally:
-        if own_cache is not None and own_cache != Path(calibration_cache_arg or ""):
-            own_cache.unlink(missing_ok=True)
+        if temp_cache is not None:
+            temp_cache.unlink(missing_ok=True)
         if quant_src != src_onnx:
             for f in G.external_data_files(quant_src):
                 f.unlink(missing_ok=True)

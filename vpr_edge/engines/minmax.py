@@ -77,7 +77,7 @@ def write_augmented(model_path: Path, op_types: Sequence[str]) -> tuple[Path, li
 
 
 def minmax_ranges(
-    model_path: str | Path, batches: Iterable[np.ndarray], op_types: Sequence[str], *, symmetric: bool = False,
+    model_path: str | Path, batches: Iterable[np.ndarray], op_types: Sequence[str], *,
     input_name: str | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{tensor: (min, max)} over `batches` for the tensors ORT's MinMax calibrator would pick."""
@@ -108,14 +108,8 @@ def minmax_ranges(
         from vpr_edge.errors import ConfigError
 
         raise ConfigError("INT8 calibration got no images; pass --calibration DIR with a few hundred images")
-    ranges = {}
-    for t, a, b in zip(names, lo, hi):
-        if symmetric:
-            m = np.float32(max(abs(a), abs(b)))
-            ranges[t] = (np.array(-m, dtype=np.float32), np.array(m, dtype=np.float32))
-        else:
-            ranges[t] = (np.array(a, dtype=np.float32), np.array(b, dtype=np.float32))
-    return ranges
+    # raw min/max, as ORT's calibrator stores them: the quantiser makes them symmetric
+    return {t: (np.array(a, dtype=np.float32), np.array(b, dtype=np.float32)) for t, a, b in zip(names, lo, hi)}
 
 
 def write_ort_cache(ranges: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path) -> None:
