@@ -44,19 +44,17 @@ def one_faiss_thread():
 
 @pytest.fixture(scope="module")
 def data(corridor):
-    from vpr_edge.engines.build import verify_images
-    from vpr_edge.engines.calibration import calibration_images
-    from vpr_edge.engines.lower import VerifyData
+    from vpr_edge.engines.precision.calibration import calibration_images
     from vpr_edge.presets import Preprocess
+    from vpr_edge.verifyset import from_folder
 
     pre = Preprocess(image_size=(112, 154))
-    images, db, q, positives, source = verify_images(pre, corridor, limit=64)
     cal, _ = calibration_images(corridor, pre, limit=48)
-    return VerifyData(images, db, q, positives, source), cal
+    return from_folder(corridor, pre, limit=64, with_fit=False), cal
 
 
 @pytest.fixture(scope="module")
 def toy_path(data):
-    from vpr_edge.engines import toy
+    import toy_vit as toy
 
     return toy.toy_onnx(fit_images=data[1])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -12,7 +11,9 @@ import torch.nn.functional as F
 from vpr_edge import presets
 from vpr_edge.errors import ArtifactError, ConfigError, InputError
 from vpr_edge.models.gem import GeM
-from vpr_edge.models.pca import PCAWhiten, PCAWhitening, fit_pca, fit_pca_whitening, load_pca
+from vpr_edge.fitted import PCAWhitening, load_pca
+from vpr_edge.models.pca import PCAWhiten, fit_pca, fit_pca_whitening, pca_module
+from vpr_edge.space import DescriptorSpace
 from vpr_edge.models.vlad import HardVLAD
 
 # ---------------------------------------------------------------------------------------------
@@ -260,9 +261,10 @@ def test_pca_file_round_trip_and_checks(tmp_path):
     again = load_pca(path, preset)
     np.testing.assert_array_equal(again.proj, pw.proj)
     np.testing.assert_array_equal(again.mean, pw.mean)
-    assert again.meta["space"] == json.loads(json.dumps(preset.space())) and again.meta["whiten"] is True
+    assert again.meta["space"] == DescriptorSpace.of(preset.with_overrides(pca_dim=again.out_dim), None).to_dict()
+    assert again.meta["whiten"] is True
     ref = again.apply(x[:5])
-    got = again.module()(torch.from_numpy(x[:5])).numpy()
+    got = pca_module(again)(torch.from_numpy(x[:5])).numpy()
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
     other_layer = preset.with_overrides(layer=1)
@@ -277,7 +279,7 @@ def test_pca_file_round_trip_and_checks(tmp_path):
 
 
 def test_pca_remembers_its_vocabulary():
-    from vpr_edge.models.vocabulary import Vocabulary
+    from vpr_edge.fitted import Vocabulary
 
     preset = presets.get("anyloc-dinov2-pca").tiny()
     rng = np.random.default_rng(0)

@@ -14,9 +14,9 @@ from PIL import Image
 
 from vpr_edge import fidelity
 from vpr_edge.benchmarks import match_grid as MG
-from vpr_edge.benchmarks.cli import mode_of
+from vpr_edge.cli.bench import mode_of
 from vpr_edge.benchmarks.dataset_bench import BenchConfig, bench_variant, select_subset
-from vpr_edge.benchmarks.measure import RssSampler, percentiles
+from vpr_edge.measure import PeakRss, percentiles
 from vpr_edge.benchmarks.variants import PYTORCH_FP16, PYTORCH_FP32, VariantSpec, parse_variant, plan_variants
 from vpr_edge.cli.main import main
 from vpr_edge.datasets import Dataset
@@ -203,7 +203,7 @@ def test_soak_small_reports_growth(toy_artifact, corridor, tmp_path):
 def toy_artifact(tmp_path_factory) -> Path:
     """A torch-free toy artifact (the runtime helper's contract builder) for the soak test."""
     from vpr_edge import presets
-    from vpr_edge.runtime.toy_artifact import write_toy_artifact
+    from toy_artifact import write_toy_artifact
 
     path = tmp_path_factory.mktemp("soak") / "toy"
     write_toy_artifact(path, presets.get("anyloc-dinov2").tiny(), scope="backbone")
@@ -268,7 +268,7 @@ def test_percentiles_are_ordered():
 
 
 def test_rss_sampler_sees_an_allocation():
-    with RssSampler(interval_s=0.001) as s:
+    with PeakRss(interval_s=0.001) as s:
         block = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB, touched
         import time
 

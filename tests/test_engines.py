@@ -13,14 +13,16 @@ onnx = pytest.importorskip("onnx")
 
 from vpr_edge import presets  # noqa: E402
 from vpr_edge.cli.main import main  # noqa: E402
-from vpr_edge.engines.build import (  # noqa: E402
+from toy_artifact import write_manifest  # noqa: E402
+from vpr_edge.engines.tensorrt.build import (  # noqa: E402
     EngineOptions,
     build_engine,
-    check_engine_compatible,
     engine_command,
     network_flags,
     profile_shapes,
 )
+from vpr_edge.engines.tensorrt.environment import check_engine_compatible  # noqa: E402
+from vpr_edge.space import DescriptorSpace  # noqa: E402
 from vpr_edge.errors import ArtifactError, ConfigError  # noqa: E402
 from vpr_edge.lazy import available  # noqa: E402
 from vpr_edge.manifest import Manifest  # noqa: E402
@@ -31,30 +33,31 @@ H, W = TINY.preprocess.image_size
 
 def _onnx_artifact(folder: Path, precision: str = "fp32") -> Path:
     """A small but valid ONNX artifact (no torch): images -> pooled, L2-normalised colour descriptor."""
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
+    dim = TINY.descriptor_dim
     x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, H, W])
-    y = helper.make_tensor_value_info("descriptor", TensorProto.FLOAT, ["batch", 48])
+    y = helper.make_tensor_value_info("descriptor", TensorProto.FLOAT, ["batch", dim])
+    proj = numpy_helper.from_array(np.random.default_rng(0).standard_normal((48, dim)).astype(np.float32), "proj")
     nodes = [
         helper.make_node("AveragePool", ["images"], ["pooled"], kernel_shape=[28, 38], strides=[28, 38]),
         helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
-        helper.make_node("LpNormalization", ["flat"], ["descriptor"], axis=1, p=2),
+        helper.make_node("MatMul", ["flat", "proj"], ["raw"]),
+        helper.make_node("LpNormalization", ["raw"], ["descriptor"], axis=1, p=2),
     ]
-    model = helper.make_model(helper.make_graph(nodes, "toy", [x], [y]), opset_imports=[helper.make_opsetid("", 18)],
-                              ir_version=10)
+    model = helper.make_model(helper.make_graph(nodes, "toy", [x], [y], initializer=[proj]),
+                              opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     folder.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(folder / "model.onnx"))
-    m = Manifest(kind="onnx", preset=TINY.to_dict(), space=TINY.space(),
-                 details={"scope": "descriptor", "precision": precision, "io_dtype": "float32", "weights": "random"})
-    m.add_file(folder, "model.onnx", "onnx")
-    m.save(folder)
-    return folder
+    return write_manifest(folder, TINY, "onnx", {"model.onnx": "onnx"},
+                          {"scope": "descriptor", "precision": precision, "io_dtype": "float32"})
 
 
 def _engine_manifest(**details) -> Manifest:
     base = {"scope": "descriptor", "precision": "fp16", "trt_version": "10.3.0", "compute_capability": "8.7",
             "gpu_name": "Orin", "onnx_artifact": "artifacts/x-fp16"}
-    return Manifest(kind="engine", preset=TINY.to_dict(), space=TINY.space(), details={**base, **details})
+    return Manifest(kind="engine", preset=TINY.to_dict(), space=DescriptorSpace.of(TINY, "toy:seed=0").to_dict(),
+                    details={**base, **details})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,24 +66,23 @@ def _engine_manifest(**details) -> Manifest:
 
 
 def test_engine_for_another_tensorrt_or_gpu_is_refused():
-    m = _engine_manifest()
-    check_engine_compatible(m, {"trt_version": "10.3.0", "compute_capability": "8.7", "gpu_name": "Orin"})
+    m = _engine_manifest().details
+    check_engine_compatible(m, {"trt_version": "10.3.0", "compute_capability": "8.7", "gpu_name": "Orin"}, "eng")
     with pytest.raises(ArtifactError, match=r"TensorRT: engine built with 10\.3\.0, running 10\.7\.0.*build-engine"):
-        check_engine_compatible(m, {"trt_version": "10.7.0", "compute_capability": "8.7", "gpu_name": "Orin"})
+        check_engine_compatible(m, {"trt_version": "10.7.0", "compute_capability": "8.7", "gpu_name": "Orin"}, "eng")
     with pytest.raises(ArtifactError, match=r"compute capability 8\.7.*running 9\.0.*rebuild"):
-        check_engine_compatible(m, {"trt_version": "10.3.0", "compute_capability": "9.0", "gpu_name": "H100"})
-    vc = _engine_manifest(version_compatible=True)
-    check_engine_compatible(vc, {"trt_version": "10.7.0", "compute_capability": "8.7"})
+        check_engine_compatible(m, {"trt_version": "10.3.0", "compute_capability": "9.0", "gpu_name": "H100"}, "eng")
+    vc = _engine_manifest(version_compatible=True).details
+    check_engine_compatible(vc, {"trt_version": "10.7.0", "compute_capability": "8.7"}, "eng")
     with pytest.raises(ArtifactError, match="version-compatible"):
-        check_engine_compatible(vc, {"trt_version": "11.0.0", "compute_capability": "8.7"})
-    with pytest.raises(ArtifactError, match="not an engine"):
-        check_engine_compatible(Manifest(kind="onnx", preset={}, space={}), {})
+        check_engine_compatible(vc, {"trt_version": "11.0.0", "compute_capability": "8.7"}, "eng")
+
 
 
 def test_engine_manifest_mismatch_refused_at_load_without_tensorrt(tmp_path):
     """The runtime refuses before touching TensorRT: the check needs only the manifest."""
-    from vpr_edge.runtime.artifact import load_artifact
-    from vpr_edge.runtime.describer import open_backend
+    from vpr_edge.artifact import load_artifact
+    from vpr_edge.runtime.backends import BackendOptions, open_backend
 
     m = _engine_manifest()
     (tmp_path / "model.engine").write_bytes(b"not a real plan")
@@ -88,7 +90,9 @@ def test_engine_manifest_mismatch_refused_at_load_without_tensorrt(tmp_path):
     m.save(tmp_path)
     art = load_artifact(tmp_path, kinds=("engine",))
     with pytest.raises(ArtifactError, match="rebuild it on this machine"):
-        open_backend(art, "trt", environment={"trt_version": "10.7.0", "compute_capability": "8.7"})
+        open_backend(art, "trt", BackendOptions(environment={"trt_version": "10.7.0", "compute_capability": "8.7"}))
+    with pytest.raises(ConfigError, match="runs engine artifacts"):
+        open_backend(load_artifact(_onnx_artifact(tmp_path / "onnx")), "trt")
 
 
 def test_engine_command_and_options():
@@ -211,14 +215,14 @@ def _fake_trt(version: str) -> types.SimpleNamespace:
 
 @pytest.mark.parametrize("version", ["10.3.0", "11.1.0"])
 def test_build_engine_calls_and_manifest(tmp_path, version):
-    from vpr_edge.runtime.artifact import load_artifact
+    from vpr_edge.artifact import load_artifact
 
     art = _onnx_artifact(tmp_path / "art", precision="fp16")
     trt = _fake_trt(version)
     env = {"trt_version": version, "gpu_name": "Orin", "compute_capability": "8.7"}
     cache = tmp_path / "timing.cache"
     opts = EngineOptions(workspace_gb=2, opt_level=4, batch_sizes=(1, 4, 8), timing_cache=cache, version_compatible=True)
-    m = build_engine(art, tmp_path / "eng", options=opts, compare=False, env=env, trt=trt)
+    m = build_engine(art, tmp_path / "eng", options=opts, env=env, trt=trt)
     c = trt.calls
     assert network_flags(trt) == c["flags"][0] == (1 << 1 if version.startswith("10") else 0)
     assert c["workspace"] == ("WORKSPACE", 2 << 30)
@@ -233,13 +237,13 @@ def test_build_engine_calls_and_manifest(tmp_path, version):
     assert d["precision"] == "fp16" and d["strongly_typed"] and d["batch_sizes"] == [1, 4, 8]
     loaded = load_artifact(tmp_path / "eng", kinds=("engine",))
     assert loaded.kind == "engine" and loaded.file("engine").name == "model.engine"
-    check_engine_compatible(loaded.manifest, env)
+    check_engine_compatible(loaded.manifest.details, env, "eng")
 
     # the timing cache is reused by the next build
-    build_engine(art, tmp_path / "eng", options=opts, compare=False, env=env, trt=trt, force=True)
+    build_engine(art, tmp_path / "eng", options=opts, env=env, trt=trt, force=True)
     assert c["cache_blobs"] == [b"", b"+timings"]
     with pytest.raises(ArtifactError, match="already exists"):
-        build_engine(art, tmp_path / "eng", options=opts, compare=False, env=env, trt=trt)
+        build_engine(art, tmp_path / "eng", options=opts, env=env, trt=trt)
 
 
 def test_tensorrt_without_strongly_typed_networks_is_refused():
@@ -256,11 +260,14 @@ def test_tensorrt_without_strongly_typed_networks_is_refused():
 
 
 def test_doctor_checks_onnx_runtime_and_prints_one_verdict(tmp_path, capsys):
+    """Only ONNX Runtime can run this hand-made artifact here: nothing to compare, and the verdict says
+    which comparisons it could not make instead of 'OK'."""
     art = _onnx_artifact(tmp_path / "art")
     rc = main(["doctor", str(art), "--limit", "8", "--repeat", "3"])
     out = capsys.readouterr().out
     verdicts = [line for line in out.splitlines() if line.startswith("verdict:")]
-    assert rc == 0 and len(verdicts) == 1 and verdicts[0].startswith("verdict: OK")
+    assert rc == 4 and len(verdicts) == 1 and verdicts[0].startswith("verdict: INCOMPLETE")
+    assert "not compared:" in verdicts[0] and "pytorch:" in verdicts[0] and "tensorrt:" in verdicts[0]
     assert "onnxruntime" in out and "median" in out
     assert "gpu" in out and "tensorrt" in out
     if not available("tensorrt"):
@@ -286,7 +293,7 @@ def test_doctor_reports_a_refused_engine(tmp_path, capsys):
 
 def _has_gpu() -> bool:
     try:
-        from vpr_edge.engines.build import environment
+        from vpr_edge.engines.tensorrt.build import environment
 
         environment()
     except Exception:  # noqa: BLE001 - any failure means: no usable TensorRT + GPU here
@@ -300,23 +307,23 @@ def test_tensorrt_build_and_run(tmp_path, corridor):
     if not _has_gpu():
         pytest.skip("tensorrt imports but no CUDA GPU is usable here")
     pytest.importorskip("torch")
-    from vpr_edge.engines import toy
-    from vpr_edge.engines.build import verify_images
-    from vpr_edge.engines.calibration import calibration_images
-    from vpr_edge.engines.lower import VerifyData, lower_onnx
+    import toy_vit as toy
+    from vpr_edge.verifyset import VerifySet, from_folder
+    from vpr_edge.engines.precision.calibration import calibration_images
+    from vpr_edge.engines.precision.lower import lower_onnx
 
     cal, _ = calibration_images(corridor, TINY.preprocess, limit=48)
-    images, db, q, pos, src = verify_images(TINY.preprocess, corridor, limit=32)
+    _vs = from_folder(corridor, TINY.preprocess, limit=32, with_fit=False)
+    images, db, q, pos, src = _vs.images, _vs.db_idx, _vs.q_idx, _vs.positives, _vs.source
     art = tmp_path / "fp16"
     art.mkdir()
-    lower_onnx(toy.toy_onnx(fit_images=cal), art / "model.onnx", "fp16", VerifyData(images, db, q, pos, src),
+    lower_onnx(toy.toy_onnx(fit_images=cal), art / "model.onnx", "fp16", VerifySet(images, db, q, pos, src),
                accept_fidelity=True)
-    m = Manifest(kind="onnx", preset=TINY.to_dict(), space=TINY.space(),
-                 details={"scope": "descriptor", "precision": "fp16", "io_dtype": "float32"})
-    m.add_file(art, "model.onnx", "onnx")
-    m.save(art)
-    eng = build_engine(art, tmp_path / "engine", options=EngineOptions(batch_sizes=(1, 8), timing_cache=tmp_path / "t.cache"),
-                       verify=corridor)
+    write_manifest(art, TINY, "onnx", {"model.onnx": "onnx"}, {"scope": "descriptor", "precision": "fp16", "io_dtype": "float32"})
+    build_engine(art, tmp_path / "engine", options=EngineOptions(batch_sizes=(1, 8), timing_cache=tmp_path / "t.cache"))
+    from vpr_edge.doctor.engine_check import record_engine_check
+
+    eng = record_engine_check(tmp_path / "engine", art, verify=corridor)
     rep = eng.verification["engine_vs_onnxruntime"]["report"]
     assert rep["nonfinite"] == 0 and rep["cos_mean"] > 0.999
     assert (tmp_path / "t.cache").stat().st_size > 0

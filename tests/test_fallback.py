@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vpr_edge.engines.fallback import fallback_search, minimal_subset
+from vpr_edge.engines.precision.fallback import fallback_search, minimal_subset
 
 
 def _counting(needed: set):
@@ -72,17 +72,18 @@ def test_fallback_keeps_the_block_with_a_planted_overflow(corridor, tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("onnxconverter_common")
     from vpr_edge.engines import graph as G
-    from vpr_edge.engines import toy
-    from vpr_edge.engines.build import verify_images
-    from vpr_edge.engines.calibration import calibration_images
-    from vpr_edge.engines.lower import VerifyData, lower_onnx
+    import toy_vit as toy
+    from vpr_edge.verifyset import VerifySet, from_folder
+    from vpr_edge.engines.precision.calibration import calibration_images
+    from vpr_edge.engines.precision.lower import lower_onnx
     from vpr_edge.presets import Preprocess
 
     pre = Preprocess(image_size=(112, 154))
-    images, db, q, positives, source = verify_images(pre, corridor, limit=32)
+    _vs = from_folder(corridor, pre, limit=32, with_fit=False)
+    images, db, q, positives, source = _vs.images, _vs.db_idx, _vs.q_idx, _vs.positives, _vs.source
     cal, _ = calibration_images(corridor, pre, limit=48)  # the same toy the other tests use
     planted = toy.plant_overflow(toy.toy_onnx(fit_images=cal), tmp_path / "planted.onnx", block=2)
-    verify = VerifyData(images, db, q, positives, source)
+    verify = VerifySet(images, db, q, positives, source)
     # overflow guard off: the fallback search alone must find the block
     result = lower_onnx(planted, tmp_path / "fp16.onnx", "fp16", verify, overflow_guard=False,
                         target_agreement=0.99, accept_fidelity=True)

@@ -15,12 +15,12 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxconverter_common")
 
 from vpr_edge.engines import graph as G  # noqa: E402
-from vpr_edge.engines import toy  # noqa: E402
-from vpr_edge.engines.build import verify_images  # noqa: E402
-from vpr_edge.engines.emulate import save_fp16_emulation  # noqa: E402
-from vpr_edge.engines.fp16 import check_fp32_islands, find_fp16_overflow, fp16_from_onnx  # noqa: E402
-from vpr_edge.engines.lower import VerifyData, lower_onnx  # noqa: E402
-from vpr_edge.engines.ortrun import run_onnx  # noqa: E402
+import toy_vit as toy  # noqa: E402
+from vpr_edge.verifyset import VerifySet, from_folder  # noqa: E402
+from vpr_edge.engines.precision.emulate import save_fp16_emulation  # noqa: E402
+from vpr_edge.engines.precision.fp16 import check_fp32_islands, find_fp16_overflow, fp16_from_onnx  # noqa: E402
+from vpr_edge.engines.precision.lower import lower_onnx  # noqa: E402
+from vpr_edge.onnxrt import run_onnx  # noqa: E402
 from vpr_edge.errors import ConfigError  # noqa: E402
 from vpr_edge.presets import Preprocess  # noqa: E402
 
@@ -134,7 +134,7 @@ def test_overflow_guard_keeps_the_planted_block(toy_path, data, tmp_path):
     save_fp16_emulation(tmp_path / "guarded.onnx", tmp_path / "guarded_emu.onnx")
     assert np.isfinite(run_onnx(tmp_path / "guarded_emu.onnx", images)).all()
 
-    small = VerifyData(verify.images[::2], np.arange(16), np.arange(16, 32), None, "corridor, every other image")
+    small = VerifySet(verify.images[::2], np.arange(16), np.arange(16, 32), None, "corridor, every other image")
     result = lower_onnx(planted, tmp_path / "auto.onnx", "fp16", small, accept_fidelity=True)
     assert result.details["fp16_overflow"]
     assert result.verification["report"]["nonfinite"] == 0
@@ -154,10 +154,11 @@ def test_real_tiny_export_meets_fp16_thresholds(corridor, tmp_path):
     out = tmp_path / "fp32"
     artifact.export_artifact(preset, out, weights="random",
                              options=artifact.ExportOptions(verify=corridor, progress=False))
-    images, db, q, positives, source = verify_images(preset.preprocess, corridor, limit=64)
+    _vs = from_folder(corridor, preset.preprocess, limit=64, with_fit=False)
+    images, db, q, positives, source = _vs.images, _vs.db_idx, _vs.q_idx, _vs.positives, _vs.source
     model = G.load(out / "model.onnx")
     assert G.nodes_by_block(model), "exporter's blocks are not recognised from node metadata"
-    result = lower_onnx(out / "model.onnx", tmp_path / "fp16.onnx", "fp16", VerifyData(images, db, q, positives, source),
+    result = lower_onnx(out / "model.onnx", tmp_path / "fp16.onnx", "fp16", VerifySet(images, db, q, positives, source),
                         target_agreement=0.99)
     assert result.passed, result.verification["failures"]
     assert result.details["fallback"]["met"]

@@ -12,12 +12,17 @@ pytest.importorskip("onnxruntime.quantization")
 from onnx import numpy_helper  # noqa: E402
 
 from vpr_edge.engines import graph as G  # noqa: E402
-from vpr_edge.engines.calibration import batches  # noqa: E402
-from vpr_edge.engines.fidelity import compare_outputs  # noqa: E402
-from vpr_edge.engines.int8 import check_qdq, int8_from_onnx  # noqa: E402
-from vpr_edge.engines.int8 import default_exclusions as int8_default_exclusions  # noqa: E402
-from vpr_edge.engines.lower import VerifyData, lower_onnx  # noqa: E402
-from vpr_edge.engines.ortrun import run_onnx  # noqa: E402
+from vpr_edge.batching import chunks  # noqa: E402
+from vpr_edge.fidelity import compare_outputs  # noqa: E402
+from vpr_edge.engines.precision.int8 import check_qdq, int8_from_onnx  # noqa: E402
+from vpr_edge.engines.precision.int8 import default_exclusions as int8_default_exclusions  # noqa: E402
+from vpr_edge.engines.precision.lower import lower_onnx  # noqa: E402
+from vpr_edge.verifyset import VerifySet  # noqa: E402
+
+
+def batches(images, size: int = 8):
+    return [images[s] for s in chunks(len(images), size)]
+from vpr_edge.onnxrt import run_onnx  # noqa: E402
 from vpr_edge.errors import ConfigError, FidelityError  # noqa: E402
 from vpr_edge.presets import Preprocess  # noqa: E402
 
@@ -146,7 +151,7 @@ def test_unknown_method_is_refused(toy_path, data, tmp_path):
 
 def test_int8_outside_thresholds_fails_loudly(toy_path, data, tmp_path):
     full, cal = data
-    verify = VerifyData(full.images[::2], np.arange(16), np.arange(16, 32), None, "corridor, every other image")
+    verify = VerifySet(full.images[::2], np.arange(16), np.arange(16, 32), None, "corridor, every other image")
     bad = cal[:16] * 0.01  # calibration ranges 100x too small: activations saturate
     with pytest.raises(FidelityError, match="outside thresholds"):
         lower_onnx(toy_path, tmp_path / "bad.onnx", "int8", verify, calibration=bad)
@@ -197,7 +202,7 @@ def _layerscale_gelu_graph():
 def test_rewrites_are_exact_and_keep_standard_ops():
     import onnxruntime as ort
 
-    from vpr_edge.engines.rewrites import tidy_for_ort
+    from vpr_edge.engines.precision.rewrites import tidy_for_ort
 
     def run(model, x):
         so = ort.SessionOptions()
@@ -222,18 +227,23 @@ def test_fallback_also_clears_the_cosine_threshold(toy_path, data, tmp_path, mon
     """A top-1 target that plain INT8 already meets while its mean cosine misses the gate: the search
     keeps blocks until the artifact passes the gate, instead of keeping none. (The toy's INT8 cosine is
     ~0.99 whatever the calibration, so the gate's cosine threshold is raised above it here.)"""
-    from vpr_edge.engines.fidelity import THRESHOLDS
+    import dataclasses
+
+    from vpr_edge.engines.precision import table
 
     full, cal = data
-    verify = VerifyData(full.images[::2], np.arange(16), np.arange(16, 32), None, "corridor, every other image")
+    verify = VerifySet(full.images[::2], np.arange(16), np.arange(16, 32), None, "corridor, every other image")
     plain = lower_onnx(toy_path, tmp_path / "plain.onnx", "int8", verify, calibration=cal[:16], accept_fidelity=True)
     rep = plain.verification["report"]
-    monkeypatch.setitem(THRESHOLDS["int8"], "cos_mean", (rep["cos_mean"] + 1.0) / 2)
-    monkeypatch.setitem(THRESHOLDS["int8"], "top1_agreement", 0.0)
+    raised = (rep["cos_mean"] + 1.0) / 2
+    int8 = table.get("int8")
+    monkeypatch.setitem(table.PRECISIONS, "int8", dataclasses.replace(int8, thresholds=(
+        table.Threshold("nonfinite", 0, upper=True), table.Threshold("cos_mean", raised),
+        table.Threshold("top1_agreement", 0.0))))
     result = lower_onnx(toy_path, tmp_path / "fb.onnx", "int8", verify, calibration=cal[:16],
                         target_agreement=rep["top1_agreement"])
     assert result.verification["passed"], result.verification["failures"]
-    assert result.verification["report"]["cos_mean"] >= THRESHOLDS["int8"]["cos_mean"] > rep["cos_mean"]
+    assert result.verification["report"]["cos_mean"] >= raised > rep["cos_mean"]
     assert result.details["fallback"]["met"] and result.details["fallback"]["blocks"]
 
 
@@ -261,8 +271,8 @@ def test_lean_max_calibration_matches_orts_calibrator(toy_path, data, tmp_path):
 
     from onnxruntime import quantization as q
 
-    from vpr_edge.engines import minmax
-    from vpr_edge.engines.int8 import QUANTIZED_OPS
+    from vpr_edge.engines.precision import minmax
+    from vpr_edge.engines.precision.int8 import QUANTIZED_OPS
 
     cal = data[1][:16]
     ours = minmax.minmax_ranges(toy_path, batches(cal, 4), QUANTIZED_OPS)
@@ -296,6 +306,6 @@ def test_lean_max_calibration_matches_orts_calibrator(toy_path, data, tmp_path):
 
 
 def I_reader(images):
-    from vpr_edge.engines.int8 import batch_reader
+    from vpr_edge.engines.precision.int8 import batch_reader
 
     return batch_reader(batches(images, 4), "images")

@@ -14,13 +14,14 @@ from PIL import Image
 
 from vpr_edge import presets
 from vpr_edge.errors import ArtifactError, ConfigError
-from vpr_edge.runtime import map_cli, map_index
+from vpr_edge.cli import map as map_cli
+from vpr_edge.runtime import map_index
 from vpr_edge.runtime.describer import Describer
 from vpr_edge.runtime.maps import REPORT, Chunk, ChunkStore, Map, _finalize, add_to_map, build_map, query_map
 
 pytest.importorskip("onnx", reason="onnx not installed (export extra), needed to write the toy artifact")
 pytest.importorskip("faiss", reason="faiss not installed")
-from vpr_edge.runtime.toy_artifact import write_toy_artifact  # noqa: E402
+from toy_artifact import write_toy_artifact  # noqa: E402
 
 PRESET = presets.get("anyloc-dinov2").tiny()
 
@@ -173,12 +174,12 @@ def test_unreadable_images_are_reported_skipped_and_retried_by_add(art, db, tmp_
 def test_refuses_queries_from_another_descriptor_space(art, db, tmp_path):
     m = build_map(db[:10], art, tmp_path / "map", progress=False, threads=1)
     other_vocab = write_toy_artifact(tmp_path / "seed1", PRESET, "backbone", seed=1)
-    with pytest.raises(ArtifactError, match="vocabulary hash"):
+    with pytest.raises(ArtifactError, match=r"different descriptor spaces.*vocabulary"):
         query_map(m.folder, db[:1], artifact=other_vocab, threads=1)
     boq = write_toy_artifact(tmp_path / "boq", presets.get("boq-resnet50").tiny(), "descriptor")
-    with pytest.raises(ArtifactError, match=r"preset: 'anyloc-dinov2' != 'boq-resnet50'.*descriptor_dim: 192 != 128"):
+    with pytest.raises(ArtifactError, match=r"boq.*and map.*different descriptor spaces \(preset 'boq-resnet50@tiny' vs 'anyloc-dinov2@tiny'.*features.backbone"):
         query_map(m.folder, db[:1], artifact=boq, threads=1)
-    with pytest.raises(ArtifactError, match="another space"):
+    with pytest.raises(ArtifactError, match="different descriptor spaces"):
         add_to_map(m.folder, db[10:12], artifact=boq, progress=False, threads=1)
     # same space, another artifact folder (e.g. the FP16 or engine twin): accepted
     twin = shutil.copytree(art, tmp_path / "twin")
@@ -278,10 +279,13 @@ def _synthetic_map(folder, x: np.ndarray, index: dict) -> Map:
     """A map folder made of chunks of given descriptors (no images), finalised into its index."""
     from vpr_edge.manifest import Manifest
 
+    from vpr_edge.space import DescriptorSpace, Identity
+
     man = Manifest(
         kind="map",
         preset=PRESET.to_dict(),
-        space=PRESET.space(),
+        space=DescriptorSpace.of(PRESET, "toy:seed=0").to_dict(),
+        identity=Identity.of(PRESET, "toy:seed=0").to_dict(),
         details={"index": index, "complete": False, "dim": x.shape[1], "metadata": None},
     )
     folder.mkdir()

@@ -138,7 +138,7 @@ def test_aggregation_for_preset(tmp_path):
         Aggregation.for_preset(p, wrong, None)
     bad = tmp_path / "bad.npz"
     np.savez(bad, something=np.zeros(3))
-    with pytest.raises(ArtifactError, match="not a vocabulary"):
+    with pytest.raises(ArtifactError, match=r"lacks \['centers'\]"):
         Aggregation.for_preset(p, bad, None)
     with pytest.raises(ArtifactError, match="runs inside the graph"):
         Aggregation.for_preset(presets.get("boq-resnet50").tiny(), None, None)

@@ -13,11 +13,11 @@ from vpr_edge.errors import ArtifactError, ConfigError, InputError, MissingDepen
 from vpr_edge.runtime.aggregate import vlad_hard
 from vpr_edge.runtime.describer import Describer
 from vpr_edge.runtime.ort_backend import OrtBackend, resolve_providers
-from vpr_edge.runtime.preprocess import preprocess_image
+from vpr_edge.imaging.exact import preprocess_image
 
 onnx = pytest.importorskip("onnx", reason="onnx not installed (export extra)")
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
-from vpr_edge.runtime.toy_artifact import write_toy_artifact  # noqa: E402
+from toy_artifact import write_toy_artifact  # noqa: E402
 
 ANYLOC = presets.get("anyloc-dinov2").tiny()
 BOQ = presets.get("boq-resnet50").tiny()
@@ -183,7 +183,9 @@ def _fp16_io_copy(src, dst):
     g.output[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
     onnx.save(m, dst / "model.onnx")
     man = json.loads((dst / "manifest.json").read_text())
-    man["files"]["model.onnx"]["bytes"] = (dst / "model.onnx").stat().st_size
+    from vpr_edge.integrity import sha256_file
+
+    man["files"]["model.onnx"].update(bytes=(dst / "model.onnx").stat().st_size, sha256=sha256_file(dst / "model.onnx"))
     man["details"].update({"precision": "fp16", "io_dtype": "float16"})
     (dst / "manifest.json").write_text(json.dumps(man))
     return dst

@@ -41,7 +41,7 @@ CHILD = textwrap.dedent(
         desc = d.describe(files, batch=3)
 
     import argparse
-    from vpr_edge.runtime import map_cli
+    from vpr_edge.cli import map as map_cli
     parser = argparse.ArgumentParser()
     map_cli.register(parser.add_subparsers())
     for argv in (["map", "build", images, "--model", art, "-o", map_dir, "--threads", "1", "--chunk", "50"],
@@ -56,7 +56,7 @@ CHILD = textwrap.dedent(
 
 
 def test_runtime_runs_without_torch(corridor, tmp_path):
-    from vpr_edge.runtime.toy_artifact import write_toy_artifact
+    from toy_artifact import write_toy_artifact
 
     preset = presets.get("anyloc-dinov2").tiny()
     art = write_toy_artifact(tmp_path / "art", preset, "backbone")
@@ -73,7 +73,7 @@ def test_runtime_runs_without_torch(corridor, tmp_path):
     report = json.loads(lines[-1])
     assert report["torch"] == [] and report["models"] == []
     assert report["shape"] == [4, preset.descriptor_dim]
-    assert {"describer", "preprocess", "aggregate", "maps", "map_cli", "trt_backend", "ort_backend"} <= set(
+    assert {"describer", "backends", "aggregate", "maps", "trt_backend", "ort_backend"} <= set(
         report["modules"]
     )
     assert '"rank": 1' in proc.stdout

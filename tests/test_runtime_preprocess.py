@@ -12,8 +12,8 @@ from PIL import Image
 from vpr_edge import presets
 from vpr_edge.errors import ConfigError, InputError
 from vpr_edge.presets import Preprocess
-from vpr_edge.runtime.images import load_rgb
-from vpr_edge.runtime.preprocess import preprocess_image, preprocess_rgb, resize_plan
+from vpr_edge.imaging.decode import load_rgb
+from vpr_edge.imaging import preprocess_image, preprocess_rgb, resize_plan
 
 SQUARE = Preprocess(image_size=(224, 224), resize="cover_crop")
 # Measured against vpr_edge.models.preprocess on all 222 Corridor images (torch 2.14,

@@ -14,8 +14,8 @@ import pytest
 
 from vpr_edge import presets
 from vpr_edge.errors import ArtifactError, ConfigError
-from vpr_edge.manifest import Manifest
-from vpr_edge.runtime.engine_compat import check_engine_compatible, engine_mismatches, normalize_cc
+from toy_artifact import write_manifest
+from vpr_edge.engines.tensorrt.environment import check_engine_compatible, engine_mismatches, normalize_cc
 from vpr_edge.runtime.trt_backend import TrtBackend
 
 BUILT = {"trt_version": "10.3.0", "compute_capability": "8.7", "gpu_name": "Orin"}
@@ -341,16 +341,14 @@ def _engine_artifact(tmp_path, details):
     folder = tmp_path / "engine_art"
     folder.mkdir()
     _engine_file(folder, dim=preset.descriptor_dim)
-    man = Manifest(kind="engine", preset=preset.to_dict(), space=preset.space())
-    man.add_file(folder, "model.engine", "engine")
-    man.details = {"scope": "descriptor", "precision": "fp16", **details}
-    man.save(folder)
+    write_manifest(folder, preset, "engine", {"model.engine": "engine"},
+                   {"scope": "descriptor", "precision": "fp16", **details})
     return folder, preset
 
 
 def test_describer_refuses_a_mismatched_engine_before_loading(tmp_path, monkeypatch, fake):
     from vpr_edge.runtime import describer as D
-    from vpr_edge.runtime import engine_compat
+    from vpr_edge.engines.tensorrt import environment as engine_compat
 
     cuda, trt = fake
     folder, _ = _engine_artifact(tmp_path, BUILT)
@@ -365,7 +363,8 @@ def test_describer_runs_an_engine_artifact_through_the_fake(tmp_path, monkeypatc
     """from_artifact -> compat check -> TrtBackend -> descriptors, with the fake standing in."""
     import sys
 
-    from vpr_edge.runtime import engine_compat, trt_backend
+    from vpr_edge.engines.tensorrt import environment as engine_compat
+    from vpr_edge.runtime import trt_backend
 
     cuda, trt = fake
     folder, preset = _engine_artifact(tmp_path, BUILT)
@@ -390,7 +389,7 @@ def _real_trt():
         import tensorrt  # noqa: F401
     except ImportError:
         pytest.skip("tensorrt not importable")
-    from vpr_edge.runtime.cuda_api import open_cuda
+    from vpr_edge.engines.tensorrt.cuda_api import open_cuda
 
     try:
         name, cc = open_cuda().device_info(0)
@@ -403,7 +402,7 @@ def _real_trt():
 def test_real_engine_matches_onnxruntime(tmp_path):
     trt = _real_trt()
     from vpr_edge.runtime.ort_backend import OrtBackend
-    from vpr_edge.runtime.toy_artifact import write_toy_artifact
+    from toy_artifact import write_toy_artifact
 
     preset = presets.get("boq-resnet50").tiny()
     art = write_toy_artifact(tmp_path / "onnx", preset, "descriptor")

@@ -11,6 +11,7 @@ import torch
 from vpr_edge import presets
 from vpr_edge.cli.main import main
 from vpr_edge.errors import ArtifactError, ConfigError, InputError
+from vpr_edge.space import DescriptorSpace
 from vpr_edge.models.vocabulary import (
     Reservoir,
     Vocabulary,
@@ -99,12 +100,16 @@ def test_fit_errors():
 def test_fit_with_preset_records_provenance(tmp_path):
     rng = np.random.default_rng(0)
     feats = [rng.standard_normal((30, D)).astype(np.float32) for _ in range(6)]
-    vocab = fit_vocabulary(iter(feats), preset=TINY, per_image=25, seed=1, progress=False, weights="random")
+    vocab = fit_vocabulary(iter(feats), preset=TINY, per_image=25, seed=1, progress=False, weights="random:seed=3")
     assert (vocab.k, vocab.dim) == (K, D)
     m = vocab.meta
-    assert m["preset"] == TINY.name and m["layer"] == TINY.facet.layer and m["facet"] == "value"
-    assert m["images"] == 6 and m["patches_used"] == 150 and m["seed"] == 1 and m["weights"] == "random"
+    facet = m["space"]["features"]["facet"]
+    assert m["preset"] == TINY.name and facet["layer"] == TINY.facet.layer and facet["facet"] == "value"
+    assert m["images"] == 6 and m["patches_used"] == 150 and m["seed"] == 1 and m["space"]["weights"] == "random:seed=3"
     vocab.check_for(TINY)
+    vocab.check_for(TINY, "random:seed=3")
+    with pytest.raises(ArtifactError, match="weights random:seed=3 vs random:seed=4"):
+        vocab.check_for(TINY, "random:seed=4")  # features of another network
 
 
 def test_save_load_round_trip(tmp_path):
@@ -115,10 +120,10 @@ def test_save_load_round_trip(tmp_path):
     again = Vocabulary.load(path, TINY)
     np.testing.assert_array_equal(again.centers, centers)
     assert again.fingerprint == vocab.fingerprint
-    assert again.meta["space"] == json.loads(json.dumps(TINY.space()))
+    assert again.meta["space"] == DescriptorSpace.of(TINY, None).to_dict()
     assert again.meta["images"] == 3 and again.meta["k"] == K
     with np.load(path) as z:  # what the lean runtime reads
-        assert set(z.files) == {"centers", "meta"} and json.loads(str(z["meta"]))["intra_norm"] is True
+        assert set(z.files) == {"centers", "meta"} and json.loads(str(z["meta"]))["details"]["intra_norm"] is True
     with pytest.raises(ConfigError, match=r"\.npz"):
         vocab.save(tmp_path / "v.pt")
 
@@ -129,8 +134,8 @@ def test_wrong_shape_and_wrong_provenance_are_one_line_errors(tmp_path):
 
     cases = [
         (TINY.with_overrides(clusters=2 * K), rf"mine.npz has {K} centres of dim {D}.*needs {2 * K} x {D}"),
-        (TINY.with_overrides(facet="key"), r"mine.npz was made for .* facet value .* uses .* facet key .*\(facet differ"),
-        (TINY.with_overrides(layer=1), r"mine.npz was made for .* layer 2 .*\(layer differ"),
+        (TINY.with_overrides(facet="key"), r"mine.npz was made for .* facet value .* uses .* facet key .*features.facet.facet 'value' vs 'key'"),
+        (TINY.with_overrides(layer=1), r"mine.npz was made for .* layer 2 .*features.facet.layer 2 vs 1"),
     ]
     for preset, pattern in cases:
         with pytest.raises(ArtifactError, match=pattern) as e:
@@ -142,7 +147,7 @@ def test_wrong_shape_and_wrong_provenance_are_one_line_errors(tmp_path):
     s = presets.get("anyloc-dinov2-vits14").tiny()
     assert (b.aggregator.clusters, b.feature_dim) == (s.aggregator.clusters, s.feature_dim)
     p2 = Vocabulary.for_preset(np.ones((b.aggregator.clusters, b.feature_dim), np.float32), b).save(tmp_path / "b.npz")
-    with pytest.raises(ArtifactError, match=r"b.npz was made for dinov2 vitb14.*vits14.*backbone differ"):
+    with pytest.raises(ArtifactError, match=r"b.npz was made for dinov2 vitb14.*vits14.*features.backbone.arch 'vitb14' vs 'vits14'"):
         load_vocabulary(p2, s)
 
     with pytest.raises(ConfigError, match="not VLAD"):
@@ -177,7 +182,7 @@ def test_import_anyloc_c_centers(tmp_path):
         bare.check_for(TINY.with_overrides(clusters=K + 1))
 
     vocab = import_anyloc_centers(pt, TINY)
-    assert vocab.meta["source_sha256"] and vocab.meta["space"]["layer"] == TINY.facet.layer
+    assert vocab.meta["source_sha256"] and vocab.meta["space"]["features"]["facet"]["layer"] == TINY.facet.layer
     again = Vocabulary.load(vocab.save(tmp_path / "imported.npz"), TINY)
     np.testing.assert_array_equal(again.centers, centers.numpy())
 
@@ -185,8 +190,9 @@ def test_import_anyloc_c_centers(tmp_path):
     with pytest.raises(ArtifactError, match=r"bad.pt should hold AnyLoc's \[K, D\]"):
         import_anyloc_centers(tmp_path / "bad.pt")
     (tmp_path / "junk.pt").write_bytes(b"garbage")
-    with pytest.raises(ArtifactError, match="junk.pt is not a loadable"):
+    with pytest.raises(ArtifactError, match="junk.pt is not a readable PyTorch file") as e:
         import_anyloc_centers(tmp_path / "junk.pt")
+    assert "PyTorch 2.6" not in str(e.value) and "weights_only=False" not in str(e.value)  # ours, not torch's advice
 
 
 # --- CLI ---------------------------------------------------------------------------------------
@@ -239,7 +245,7 @@ def test_cli_vocab_and_pca_fit_on_corridor_with_the_tiny_model(tmp_path, capsys,
     argv = ["pca", "fit", *map(str, imgs), "--model", pca_preset.name, "--weights", "random", "--vocabulary", str(v),
             "--dim", str(pca_preset.aggregator.pca_dim), "--quiet", "-o", str(p)]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
-    from vpr_edge.models.pca import load_pca
+    from vpr_edge.fitted import load_pca
 
     pw = load_pca(p, pca_preset)
     pw.check_for(pca_preset, vocab)

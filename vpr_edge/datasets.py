@@ -216,6 +216,77 @@ def looks_like_dataset(root: str | Path) -> bool:
     return Path(root).is_dir() and dataset_layout(root) is not None
 
 
+def collect_images(sources, recursive: bool = False, database_of_datasets: bool = False) -> list[Path]:
+    """Files and folders -> absolute image paths, in order, without duplicates.
+
+    recursive: also take images from sub-folders. database_of_datasets: a dataset root (any layout
+    `dataset_layout` knows) contributes its database images only (what vocabularies and PCA are fitted on)."""
+    out: list[Path] = []
+    for s in sources:
+        p = Path(s)
+        if p.is_dir() and database_of_datasets and looks_like_dataset(p):
+            out.extend(load_dataset(p).database)
+        elif p.is_dir():
+            out.extend(list_images(p, recursive=recursive))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise InputError(f"{p}: no such image file or folder")
+    seen, unique = set(), []
+    for p in out:
+        key = str(p.resolve())
+        if key not in seen:
+            seen.add(key)
+            unique.append(Path(key))
+    return unique
+
+
+@dataclass
+class Split:
+    """A few images to verify or compare on: database images first, then queries."""
+
+    paths: list[Path]
+    n_database: int
+    positives: list[np.ndarray] | None  # per query: indices into the database part (None: no ground truth)
+    source: str
+    rest: list[Path] = field(default_factory=list)  # database-like images outside the split
+
+    @property
+    def n_queries(self) -> int:
+        return len(self.paths) - self.n_database
+
+
+def verify_split(folder: str | Path, limit: int = 64) -> Split:
+    """At most `limit` images of `folder` for verification: the one rule for every stage.
+
+    A dataset (any layout `load_dataset` reads): `limit // 2` evenly spaced database images, the rest
+    of the budget evenly spaced queries, ground truth remapped to the kept database images. A plain
+    folder: `limit` evenly spaced images, the first half the database, no ground truth. `rest` holds
+    up to `limit` other database-like images (evenly spaced), for fitting a vocabulary or PCA on
+    images outside the verified ones."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder; give a folder of images or a dataset root")
+    if looks_like_dataset(folder):
+        ds = load_dataset(folder)
+        keep_db = evenly_spaced(len(ds.database), limit // 2)
+        remap = {int(old): new for new, old in enumerate(keep_db)}
+        keep_q = evenly_spaced(len(ds.queries), limit - len(keep_db))
+        positives = [np.asarray([remap[int(p)] for p in ds.positives[qi] if int(p) in remap], dtype=np.int64)
+                     for qi in keep_q]
+        kept = set(keep_db.tolist())
+        rest = [p for i, p in enumerate(ds.database) if i not in kept]
+        paths = [ds.database[i] for i in keep_db] + [ds.queries[i] for i in keep_q]
+        return Split(paths, len(keep_db), positives, str(folder), [rest[i] for i in evenly_spaced(len(rest), limit)])
+    images = list_images(folder)
+    if len(images) < 4:
+        raise InputError(f"{folder}: found {len(images)} images, need at least 4 (half database, half queries)")
+    keep = set(evenly_spaced(len(images), limit).tolist())
+    rest = [p for i, p in enumerate(images) if i not in keep]
+    paths = [p for i, p in enumerate(images) if i in keep]
+    return Split(paths, len(paths) // 2, None, str(folder), [rest[i] for i in evenly_spaced(len(rest), limit)])
+
+
 def load_dataset(root: str | Path) -> Dataset:
     """Detect the layout of `root` and load it (see the module docstring)."""
     root = Path(root)

@@ -11,6 +11,9 @@ Definitions (the same everywhere, so numbers in manifests and benchmarks compare
 - recall@k: fraction of queries with at least one ground-truth positive among the top k.
 - score_err_max: max |q.d (test) - q.d (ref)| over all query/database pairs (raw inner products,
   as rank_database and the runtime's maps score).
+- zero_norm / constant_rows / distinct_rows: test descriptors with norm < 1e-6, rows whose values are all
+  equal, and the number of distinct rows (to 1e-6): degenerate outputs that every gate refuses whatever
+  the error metrics say (an all-zero PCA gives zero error against an all-zero reference).
 - ref_top1_margin_p50 / ref_score_spread_p50: medians over queries of the reference's top-1 minus
   top-2 score, and of its best minus worst database score: how decidable the ranking is at all
   (random weights often give spreads under 0.01, where any numeric change reorders).
@@ -25,8 +28,11 @@ Definitions (the same everywhere, so numbers in manifests and benchmarks compare
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+
+from vpr_edge.errors import InputError
 
 TIE_EPS = 2e-5  # reference scores closer than this are ties at FP32 precision
 
@@ -55,8 +61,6 @@ def recall_at_k(ranked: np.ndarray, positives: Sequence[np.ndarray], ks: Sequenc
     `ranked` [Q, K] database indices, best first. Queries without any positive count as misses."""
     ranked = np.asarray(ranked)
     if ranked.ndim != 2 or len(ranked) != len(positives):
-        from vpr_edge.errors import InputError
-
         raise InputError(f"rankings must be [Q, K] with Q = {len(positives)} queries, got shape {ranked.shape}")
     out = {}
     for k in ks:
@@ -86,6 +90,10 @@ def compare_descriptors(
     scale = float(np.abs(ref).max()) or 1.0
     report["max_abs_err"] = float(np.abs(t - ref).max())
     report["rel_err"] = report["max_abs_err"] / scale
+    norms = np.linalg.norm(t, axis=1)
+    report["zero_norm"] = int((norms < 1e-6).sum())
+    report["constant_rows"] = int(((t.max(axis=1) - t.min(axis=1)) <= 1e-9 * np.maximum(norms, 1e-30)).sum()) if t.shape[1] > 1 else 0
+    report["distinct_rows"] = int(len(np.unique(np.round(t, 6), axis=0)))
     cos = np.sum(_l2n(t) * _l2n(ref), axis=1)
     report["cos_min"] = float(cos.min())
     report["cos_mean"] = float(cos.mean())
@@ -112,4 +120,45 @@ def compare_descriptors(
         for name, ranked in (("ref", r_ref), ("test", r_test)):
             for key, val in recall_at_k(ranked, positives, ks).items():
                 report[f"{key}_{name}"] = val
+    return report
+
+
+def pooled(features: np.ndarray) -> np.ndarray:
+    """[n, N, D] token features -> [n, D] mean-pooled, L2-normalised descriptors (for ranking only)."""
+    d = np.asarray(features, dtype=np.float64).mean(axis=1)
+    return d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+
+
+def compare_outputs(
+    ref: np.ndarray,
+    test: np.ndarray,
+    db_idx: Sequence[int] | np.ndarray,
+    q_idx: Sequence[int] | np.ndarray,
+    positives: Sequence[Any] | None = None,
+) -> dict[str, Any]:
+    """Fidelity of `test` against the FP32 `ref` on the same images (rows).
+
+    [n, dim] descriptors are compared directly. [n, N, D] features are ranked by their pooled
+    descriptor, and the per-token cosine is added as token_cos_min/token_cos_mean."""
+    ref, test = np.asarray(ref), np.asarray(test)
+    if ref.shape != test.shape:
+        raise InputError(f"reference and test outputs differ in shape: {ref.shape} vs {test.shape}")
+    if ref.ndim == 2:
+        return compare_descriptors(ref, test, db_idx, q_idx, positives)
+    if ref.ndim != 3:
+        raise InputError(f"expected [n, dim] descriptors or [n, N, D] features, got shape {ref.shape}")
+    finite = np.isfinite(test).all(axis=(1, 2))
+    safe = np.where(np.isfinite(test), test, 0.0)
+    report = compare_descriptors(pooled(ref), pooled(safe), db_idx, q_idx, positives)
+    tok_r = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    tok_t = safe.reshape(-1, ref.shape[-1]).astype(np.float64)
+    cos = np.sum(tok_r * tok_t, axis=1) / np.maximum(np.linalg.norm(tok_r, axis=1) * np.linalg.norm(tok_t, axis=1), 1e-12)
+    report["nonfinite"] = int((~np.isfinite(test)).sum())
+    report["token_cos_min"] = float(cos.min())
+    report["token_cos_mean"] = float(cos.mean())
+    report["cos_mean"] = min(report["cos_mean"], report["token_cos_mean"])
+    report["cos_min"] = min(report["cos_min"], report["token_cos_min"]) if finite.all() else -1.0
+    scale = float(np.abs(ref).max()) or 1.0
+    report["max_abs_err"] = float(np.abs(safe - ref).max())
+    report["rel_err"] = report["max_abs_err"] / scale
     return report

@@ -1,15 +1,21 @@
-"""The one manifest format every artifact carries (ONNX export, engine, vocabulary, PCA, map, student).
+"""The one manifest format every artifact carries (ONNX export, engine, map, vocabulary, PCA, teacher
+cache, student run), and the one writer of folder artifacts (`write_artifact`).
 
-A manifest is `manifest.json` inside the artifact folder (or `<file>.json` beside a single-file
-artifact). It says what the artifact is, how it was made, hashes of what went in, and how it was
-verified. Readers must not need the code that wrote it.
+A manifest is `manifest.json` inside the artifact folder (a vocabulary/PCA `.npz` holds the same
+record as its `meta` string). It says what the artifact is (`kind`), the network config it runs
+(`preset`), the descriptor space its numbers live in (`space`) and who produced them (`identity`, see
+`vpr_edge.space`), its files with size and sha256, how it was made and how it was verified. Readers
+must not need the code that wrote it; what a manifest promises is checked when it is loaded
+(`vpr_edge.artifact`).
+
+Format 2 added `space`/`identity` as separate records; format-1 manifests (a `space` that was the
+preset's architecture plus a `hashes` record) are migrated when read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import platform
 import sys
@@ -20,26 +26,12 @@ from typing import Any
 from vpr_edge import __version__
 from vpr_edge.atomic import write_json
 from vpr_edge.errors import ArtifactError
+from vpr_edge.integrity import file_sha256
 
 FORMAT = "vpr-edge-manifest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
-KINDS = ("onnx", "engine", "vocabulary", "pca", "map", "student", "descriptors")
-
-# What makes two descriptors comparable: same numbers in the same space.
-_SPACE_KEYS = ("preset", "backbone", "layer", "facet", "image_size", "aggregator", "descriptor_dim")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+KINDS = ("onnx", "engine", "vocabulary", "pca", "map", "student", "descriptors", "teacher-cache", "distill-run")
 
 
 def package_versions(*names: str) -> dict[str, str]:
@@ -60,10 +52,10 @@ class Manifest:
     kind: str
     preset: dict[str, Any]
     space: dict[str, Any]
+    identity: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     inputs: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
-    hashes: dict[str, str | None] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
@@ -76,23 +68,12 @@ class Manifest:
         if self.kind not in KINDS:
             raise ArtifactError(f"manifest kind {self.kind!r} is not one of {KINDS}")
 
-    # -- descriptor space -------------------------------------------------------------------
-    def same_space(self, other: "Manifest") -> list[str]:
-        """Differences that make descriptors of `self` and `other` incomparable (empty = compatible)."""
-        diffs = []
-        for key in _SPACE_KEYS:
-            if self.space.get(key) != other.space.get(key):
-                diffs.append(f"{key}: {self.space.get(key)!r} != {other.space.get(key)!r}")
-        for key in ("weights", "vocabulary", "pca"):
-            a, b = self.hashes.get(key), other.hashes.get(key)
-            if a != b:
-                diffs.append(f"{key} hash: {str(a)[:12]} != {str(b)[:12]}")
-        return diffs
-
     # -- files ------------------------------------------------------------------------------
-    def add_file(self, folder: Path, name: str, role: str) -> None:
+    def add_file(self, folder: Path, name: str, role: str, *, sha256: bool = True) -> None:
         path = Path(folder) / name
-        self.files[name] = {"role": role, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        self.files[name] = {"role": role, "bytes": path.stat().st_size}
+        if sha256:
+            self.files[name]["sha256"] = file_sha256(path)
 
     def file_for(self, role: str) -> str:
         for name, info in self.files.items():
@@ -109,18 +90,25 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> "Manifest":
-        if d.get("format") != FORMAT:
-            raise ArtifactError(f"{source} is not a vpr-edge manifest (format={d.get('format')!r})")
-        if int(d.get("format_version", 0)) > FORMAT_VERSION:
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            got = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise ArtifactError(f"{source} is not a vpr-edge manifest (format={got!r})")
+        version = d.get("format_version", 0)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
             raise ArtifactError(
-                f"{source} has manifest format_version {d.get('format_version')}, this vpr-edge reads "
-                f"<= {FORMAT_VERSION}; upgrade vpr-edge"
+                f"{source} has manifest format_version {version!r}, this vpr-edge reads <= {FORMAT_VERSION}; "
+                "upgrade vpr-edge"
             )
-        names = {f.name for f in dataclasses.fields(cls)}
         missing = {"kind", "preset", "space"} - d.keys()
         if missing:
             raise ArtifactError(f"{source} lacks manifest fields {sorted(missing)}; re-create the artifact")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        if version < 2:
+            d = migrate_v1(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except TypeError as exc:
+            raise ArtifactError(f"{source}: malformed manifest ({exc}); re-create the artifact") from None
 
     def save(self, folder: str | Path, name: str = MANIFEST_NAME) -> Path:
         path = Path(folder) / name
@@ -142,14 +130,66 @@ class Manifest:
             raise ArtifactError(f"{path} is not valid JSON ({exc}); re-create the artifact") from exc
         return cls.from_dict(d, source=str(path))
 
-    def verify_files(self, folder: str | Path) -> None:
-        """Check every listed file exists with the recorded size (hashing is left to `deep=True` users)."""
-        for name, info in self.files.items():
-            p = Path(folder) / name
-            if not p.exists():
-                raise ArtifactError(f"{p} is listed in the manifest but missing; re-create the artifact")
-            if p.stat().st_size != info.get("bytes"):
-                raise ArtifactError(
-                    f"{p} has {p.stat().st_size} bytes, manifest says {info.get('bytes')}: truncated or replaced; "
-                    "re-create the artifact"
-                )
+
+def migrate_v1(d: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 -> 2: `space` + `hashes` become the space and identity records (see vpr_edge.space)."""
+    from vpr_edge.space import Identity, _legacy_weights, migrate_space
+
+    d = dict(d)
+    hashes = d.pop("hashes", None) or {}
+    preset = d.get("preset") or {}
+    details = d.get("details") or {}
+    d["space"] = migrate_space(d.get("space") or {}, hashes)
+    backbone = preset.get("backbone") or {}
+    engine = f"tensorrt {details['trt_version']} sm_{details.get('compute_capability')}" if d.get("kind") == "engine" and details.get("trt_version") else None
+    d["identity"] = Identity(
+        network=preset.get("name", ""),
+        backbone=f"{backbone.get('family', '?')} {backbone.get('arch', '?')}",
+        weights=_legacy_weights(hashes.get("weights")) or "unknown",
+        precision=details.get("precision", "fp32"),
+        scope=details.get("scope", "descriptor"),
+        engine=engine,
+    ).to_dict()
+    d["format_version"] = FORMAT_VERSION
+    d.setdefault("details", {})["migrated_from_format"] = 1
+    return d
+
+
+def write_artifact(
+    folder: str | Path,
+    kind: str,
+    files: dict[str, str],
+    space: dict[str, Any],
+    identity: dict[str, Any],
+    details: dict[str, Any],
+    *,
+    preset: dict[str, Any] | None = None,
+    inputs: list[dict[str, Any]] | None = None,
+    outputs: list[dict[str, Any]] | None = None,
+    verification: dict[str, Any] | None = None,
+    versions: dict[str, str] | None = None,
+    hashes: bool = True,
+) -> Manifest:
+    """The one writer of an artifact folder's manifest: hash every listed file (name -> role) that is
+    in `folder`, record the rest, write `manifest.json` atomically. Call it on the temporary folder
+    of an `atomic_dir`, so nothing appears under the final name before the manifest is complete.
+    hashes=False records sizes only (a provisional manifest inside the temporary folder, read back at once)."""
+    folder = Path(folder)
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing:
+        raise ArtifactError(f"{folder}: cannot record {missing} in the manifest: not written")
+    manifest = Manifest(
+        kind=kind,
+        preset=preset or {},
+        space=space,
+        identity=identity,
+        inputs=inputs or [],
+        outputs=outputs or [],
+        versions=versions or package_versions("numpy", "onnx", "onnxruntime", "torch", "faiss-cpu"),
+        verification=verification or {},
+        details=details,
+    )
+    for name, role in files.items():
+        manifest.add_file(folder, name, role, sha256=hashes)
+    manifest.save(folder)
+    return manifest

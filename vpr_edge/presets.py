@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from vpr_edge.errors import ConfigError
 
@@ -59,10 +59,6 @@ class Backbone:
         return self.stride or self.patch_size
 
     @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads if self.num_heads else 0
-
-    @property
     def out_channels(self) -> int:
         if self.family == "resnet":
             return self.resnet_width * 4 * 2 ** (self.resnet_keep - 1)
@@ -91,6 +87,60 @@ class Aggregator:
     num_layers: int = 2
     row_dim: int = 32
     weights: Weights | None = None  # BoQ: the release checkpoint holds backbone + head
+
+
+@dataclass(frozen=True)
+class HeadKind:
+    """A kind of descriptor head as the registry knows it, without torch: its descriptor size, its toy
+    size, what it needs fitted, and where its PyTorch module is built.
+
+    Adding a head family (say SALAD or MegaLoc) is a model file that defines
+    `build_head(preset, *, vocabulary, pca, state_dict, seed, origin) -> nn.Module` plus one
+    `register_head(HeadKind(...))` and its presets here: nothing else learns about it.
+    """
+
+    name: str
+    module: str  # the models module holding `build_head` (imported by models.build when needed)
+    dim: Callable[[Aggregator, int], int]  # descriptor size before PCA, given the backbone's feature dim
+    tiny: Callable[[Aggregator], Aggregator]  # the same head at toy size (what the tests run)
+    label: Callable[[Aggregator], str] = lambda a: a.kind
+    vocabulary: bool = False  # needs VLAD centres (a fitted vocabulary file)
+    runtime: bool = False  # the lean runtime aggregates it in numpy (backbone-scope artifacts)
+    per_patch: bool = True  # consumes [B, N, D] per-patch features (a facet); False: [B, C, h, w] maps
+    release: bool = False  # its weights ship with the backbone's in one release checkpoint (BoQ)
+
+
+HEADS: dict[str, HeadKind] = {}
+
+
+def register_head(kind: HeadKind) -> HeadKind:
+    if kind.name in HEADS:
+        raise ConfigError(f"head kind {kind.name} registered twice")
+    HEADS[kind.name] = kind
+    return kind
+
+
+def head(preset_or_aggregator: "Preset | Aggregator") -> HeadKind:
+    a = preset_or_aggregator.aggregator if isinstance(preset_or_aggregator, Preset) else preset_or_aggregator
+    if a.kind not in HEADS:
+        raise ConfigError(f"unknown aggregator {a.kind!r}; registered heads: {', '.join(HEADS)}")
+    return HEADS[a.kind]
+
+
+register_head(HeadKind(
+    name="vlad", module="vpr_edge.models.vlad", dim=lambda a, d: a.clusters * d,
+    tiny=lambda a: dataclasses.replace(a, clusters=8 if a.clusters >= 64 else 4, pca_dim=8 if a.pca_dim else 0, weights=None),
+    label=lambda a: f"vlad{a.clusters}", vocabulary=True, runtime=True,
+))
+register_head(HeadKind(
+    name="gem", module="vpr_edge.models.gem", dim=lambda a, d: d,
+    tiny=lambda a: dataclasses.replace(a, pca_dim=8 if a.pca_dim else 0, weights=None), runtime=True,
+))
+register_head(HeadKind(
+    name="boq", module="vpr_edge.models.boq", dim=lambda a, d: a.proj_channels * a.row_dim,
+    tiny=lambda a: dataclasses.replace(a, proj_channels=32, num_queries=8, row_dim=4, weights=None), per_patch=False,
+    release=True,
+))
 
 
 @dataclass(frozen=True)
@@ -125,15 +175,7 @@ class Preset:
     @property
     def descriptor_dim(self) -> int:
         a = self.aggregator
-        if a.kind == "vlad":
-            full = a.clusters * self.feature_dim
-        elif a.kind == "gem":
-            full = self.feature_dim
-        elif a.kind == "boq":
-            full = a.proj_channels * a.row_dim
-        else:  # pragma: no cover - registry is validated at import
-            raise ConfigError(f"unknown aggregator {a.kind}")
-        return a.pca_dim or full
+        return a.pca_dim or head(a).dim(a, self.feature_dim)
 
     def grid(self, image_size: tuple[int, int] | None = None) -> tuple[int, int]:
         """Spatial grid of output features for an input of `image_size` (H, W)."""
@@ -210,13 +252,7 @@ class Preset:
                 weights=None,
             )
         facet = dataclasses.replace(self.facet, layer=2) if self.facet else None
-        ta = a
-        if a.kind == "vlad":
-            ta = dataclasses.replace(a, clusters=8 if a.clusters >= 64 else 4, pca_dim=8 if a.pca_dim else 0, weights=None)
-        elif a.kind == "boq":
-            ta = dataclasses.replace(a, proj_channels=32, num_queries=8, row_dim=4, weights=None)
-        elif a.kind == "gem":
-            ta = dataclasses.replace(a, weights=None)
+        ta = head(a).tiny(a)
         if b.family == "resnet":
             size = (64, 64)
         elif b.effective_stride != b.patch_size:
@@ -241,25 +277,11 @@ class Preset:
             + (f" stride {self.backbone.stride}" if self.backbone.stride else ""),
             "layer": self.layer_label,
             "facet": self.facet.facet if self.facet else "-",
-            "aggregator": self.aggregator.kind
-            + (f"{self.aggregator.clusters}" if self.aggregator.kind == "vlad" else "")
+            "aggregator": head(self.aggregator).label(self.aggregator)
             + (f"+pca{self.aggregator.pca_dim}" if self.aggregator.pca_dim else ""),
             "input": "x".join(map(str, self.preprocess.image_size)),
             "dim": self.descriptor_dim,
             "weights": w.url if w else "random only",
-        }
-
-    def space(self) -> dict[str, Any]:
-        """What defines the descriptor space (used to refuse mixing incompatible descriptors)."""
-        return {
-            "preset": self.tiny_of or self.name,
-            "tiny": bool(self.tiny_of),
-            "backbone": dataclasses.asdict(self.backbone) | {"weights": None},
-            "layer": self.facet.layer if self.facet else None,
-            "facet": dataclasses.asdict(self.facet) if self.facet else None,
-            "image_size": list(self.preprocess.image_size),
-            "aggregator": dataclasses.asdict(self.aggregator) | {"weights": None},
-            "descriptor_dim": self.descriptor_dim,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -374,9 +396,14 @@ def validate(p: Preset) -> None:
             raise ConfigError(f"{p.name}: layer must be in 0..{b.depth - 1} for {b.arch}, got {f.layer}")
         if f.layout not in ("head_major", "dim_major"):
             raise ConfigError(f"{p.name}: facet layout must be head_major or dim_major")
-    if a.kind not in ("vlad", "gem", "boq"):
-        raise ConfigError(f"{p.name}: unknown aggregator {a.kind}")
-    if a.kind == "vlad" and a.clusters < 1:
+    if a.kind not in HEADS:
+        raise ConfigError(f"{p.name}: unknown aggregator {a.kind}; registered heads: {', '.join(HEADS)}")
+    if head(a).per_patch != (f is not None):
+        raise ConfigError(
+            f"{p.name}: the {a.kind} head takes {'per-patch facet features' if head(a).per_patch else 'feature maps'}, "
+            f"so the preset {'needs' if head(a).per_patch else 'must not have'} a facet"
+        )
+    if head(a).vocabulary and a.clusters < 1:
         raise ConfigError(f"{p.name}: VLAD needs clusters >= 1")
     h, w = p.preprocess.image_size
     if b.family != "resnet" and ((h - b.patch_size) % b.effective_stride or (w - b.patch_size) % b.effective_stride):

@@ -5,7 +5,7 @@ numbers are its own):
 1. accuracy: describe database + queries, rank by inner product (`fidelity.rank_database`),
    recall@k (`fidelity.recall_at_k`); against the reference (PyTorch FP32, measured first) the
    descriptor cosine and top-k agreement (`fidelity.compare_descriptors`) when both live in the same
-   descriptor space (same preset, vocabulary, PCA; `Manifest.same_space`);
+   descriptor space (`vpr_edge.space.differences`: same features, weights, aggregator, vocabulary, PCA);
 2. search: exact faiss inner-product search over the database descriptors, one query at a time
    (the runtime map's 'flat' index);
 3. latency per batch size: warm-up batches, then timed batches of query images (decode included),
@@ -28,7 +28,7 @@ import numpy as np
 
 from vpr_edge.datasets import evenly_spaced
 from vpr_edge import fidelity
-from vpr_edge.benchmarks.measure import RssSampler, gpu_process_memory_mb, percentiles
+from vpr_edge.measure import PeakRss, gpu_process_memory_mb, percentiles
 from vpr_edge.benchmarks.variants import PYTORCH_FP32, OpenedVariant, VariantSpec, open_variant
 from vpr_edge.errors import ConfigError
 from vpr_edge.manifest import Manifest
@@ -169,31 +169,12 @@ def overhead_ratio(lat: dict[str, Any], search_ms: float) -> dict[str, float]:
     }
 
 
-def _npz_arrays(folder: Path, manifest: Manifest, role: str) -> dict[str, np.ndarray] | None:
-    name = next((n for n, info in manifest.files.items() if info.get("role") == role), None)
-    if name is None:
-        return None
-    with np.load(Path(folder) / name, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files if k != "meta"}
-
-
 def space_differences(a: Path, b: Path) -> list[str]:
-    """Why descriptors of artifacts `a` and `b` are not comparable (empty: they are).
+    """Why descriptors of artifacts `a` and `b` are not comparable (empty: they are): `space.differences`
+    of their manifests, the one rule maps use too."""
+    from vpr_edge.space import differences
 
-    `Manifest.same_space`, except that a vocabulary/PCA whose file hash differs but whose arrays are
-    equal counts as the same (each export re-saves the .npz, and the zip records the time)."""
-    ma, mb = Manifest.load(a), Manifest.load(b)
-    out = []
-    for diff in ma.same_space(mb):
-        role = diff.split(" hash:")[0] if " hash:" in diff else None
-        if role in ("vocabulary", "pca"):
-            xa, xb = _npz_arrays(a, ma, role), _npz_arrays(b, mb, role)
-            if xa is not None and xb is not None and xa.keys() == xb.keys() and all(
-                np.array_equal(xa[k], xb[k]) for k in xa
-            ):
-                continue
-        out.append(diff)
-    return out
+    return differences(Manifest.load(a).space, Manifest.load(b).space)
 
 
 def _fidelity(ref: dict | None, spec: VariantSpec, desc: np.ndarray, sub: Subset, ks) -> dict[str, Any] | None:
@@ -217,11 +198,11 @@ def bench_variant(cfg: BenchConfig, spec: VariantSpec, sub: Subset, ref: dict | 
     n_db = len(sub.database)
     kmax = max(max(cfg.ks), cfg.grid_k)
     gpu_before = gpu_process_memory_mb()
-    with RssSampler() as rss:
+    with PeakRss() as rss:
         t0 = time.perf_counter()
         v: OpenedVariant = open_variant(
             spec, backend=cfg.backend, providers=cfg.providers, threads=cfg.threads, weights=cfg.weights,
-            seed=cfg.seed, device=cfg.device,
+            device=cfg.device,
         )
         load_s = time.perf_counter() - t0
         try:

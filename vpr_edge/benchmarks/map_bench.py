@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from vpr_edge.benchmarks.measure import MB, RssSampler, percentiles
+from vpr_edge.measure import MB, PeakRss, percentiles
 from vpr_edge.errors import ConfigError
 from vpr_edge.lazy import lazy_import
 
@@ -210,7 +210,7 @@ def run_map_bench(cfg: MapBenchConfig) -> dict[str, Any]:
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     q = np.ascontiguousarray(q, dtype=np.float32)
 
-    with RssSampler(interval_s=0.05) as rss:
+    with PeakRss(interval_s=0.05) as rss:
         t0 = time.perf_counter()
         index = map_index.new_index(params, gen.first(c.train))  # what `vpr-edge map build` builds
         train_s = time.perf_counter() - t0

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vpr_edge.atomic import atomic_file
-from vpr_edge.runtime.images import load_rgb
+from vpr_edge.imaging.decode import load_rgb
 
 GREEN = (40, 170, 60)
 RED = (210, 40, 40)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from vpr_edge.atomic import atomic_file, write_json
-from vpr_edge.benchmarks.measure import machine_info
+from vpr_edge.measure import machine_info
 from vpr_edge.manifest import package_versions
 
 SCHEMA = "vpr-edge-bench"

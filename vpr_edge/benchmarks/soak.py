@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from vpr_edge.benchmarks.measure import MB, percentiles, rss_bytes
+from vpr_edge.measure import MB, percentiles, rss_bytes
 from vpr_edge.errors import ConfigError
 
 GROWTH_TARGET_PCT = 5.0

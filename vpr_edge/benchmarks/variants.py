@@ -115,7 +115,7 @@ class OpenedVariant:
         return self.spec.name
 
     def gpu_peak_mb(self) -> float | None:
-        fn = getattr(self.describer, "gpu_peak_mb", None)
+        fn = getattr(getattr(self.describer, "backend", None), "gpu_peak_mb", None)
         return fn() if fn else None
 
     def close(self) -> None:
@@ -131,16 +131,17 @@ def open_variant(
     providers: list[str] | None = None,
     threads: int | None = None,
     weights: str | None = None,
-    seed: int = 0,
     device: str = "cpu",
 ) -> OpenedVariant:
-    if spec.pytorch:
-        from vpr_edge.benchmarks.torch_reference import TorchDescriber
-
-        d = TorchDescriber.from_artifact(spec.path, weights=weights, seed=seed, device=device, fp16=spec.fp16)
-        return OpenedVariant(spec, d, d.info())
+    """A Describer for the variant: the artifact on its backend, or (PyTorch variants) the reference rebuilt
+    from the artifact's manifest as the runtime's 'torch' backend, fed the same preprocessing."""
+    from vpr_edge.runtime.backends import BackendOptions
     from vpr_edge.runtime.describer import Describer
 
+    if spec.pytorch:
+        opts = BackendOptions(weights=weights, device=device, fp16=spec.fp16, threads=threads)
+        d = Describer.from_artifact(spec.path, backend="torch", options=opts)
+        return OpenedVariant(spec, d, {**d.backend.describe(), "dim": d.dim})
     backend = spec.options.get("backend", backend)
     providers = spec.options.get("providers", providers)
     d = Describer.from_artifact(spec.path, backend=backend, providers=providers, threads=threads)

@@ -1,4 +1,7 @@
-"""`vpr-edge` with subcommands. Adding a subcommand is one line in COMMANDS.
+"""`vpr-edge` with subcommands. The convention: every subcommand is a module `vpr_edge/cli/<name>.py`
+with `register(subparsers)` that declares its options (shared groups from `cli.options`) and a
+handler that calls one stage function; the stages never import this package. Adding a subcommand is
+that module plus one line in COMMANDS.
 
 Subcommand modules import torch & co. only inside their handlers, so `--help` works everywhere.
 """
@@ -14,17 +17,9 @@ from vpr_edge import __version__
 from vpr_edge.errors import VprEdgeError
 
 # name -> "module" exposing register(subparsers) -> parser with set_defaults(func=...)
-COMMANDS = {
-    "presets": "vpr_edge.cli.presets_cmd",
-    "vocab": "vpr_edge.models.vocab_cmd",
-    "pca": "vpr_edge.models.pca_cmd",
-    "describe": "vpr_edge.cli.describe_cmd",
-    "export": "vpr_edge.export.cli",
-    "build-engine": "vpr_edge.engines.cli",
-    "map": "vpr_edge.runtime.map_cli",
-    "bench": "vpr_edge.benchmarks.cli",
-    "doctor": "vpr_edge.engines.doctor",
-}
+COMMANDS = {name: f"vpr_edge.cli.{name.replace('-', '_')}" for name in (
+    "presets", "vocab", "pca", "describe", "export", "build-engine", "map", "bench", "doctor",
+)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,14 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vpr-edge {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in COMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name == module:  # stage not built yet
-                continue
-            raise
-        mod.register(sub)
+    for module in COMMANDS.values():
+        importlib.import_module(module).register(sub)
     return parser
 
 

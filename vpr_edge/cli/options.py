@@ -83,3 +83,49 @@ def resolve_preset(args: argparse.Namespace) -> presets.Preset:
         layer=getattr(args, "layer", None),
         facet=getattr(args, "facet", None),
     )
+
+
+def add_runtime(p: argparse.ArgumentParser, *, model: str | None = "required", batch: bool = True,
+                title: str = "runtime") -> None:
+    """The lean runtime's options (map build/add/query, bench, doctor): which artifact, which backend.
+
+    model: 'required', 'optional' (a map knows the artifact it was built with) or None (no --model)."""
+    from vpr_edge.runtime.backends import names
+
+    g = p.add_argument_group(title)
+    if model is not None:
+        g.add_argument(
+            "--model",
+            type=Path,
+            required=model == "required",
+            metavar="ARTIFACT",
+            help="artifact folder written by vpr-export or vpr-edge build-engine"
+            + ("" if model == "required" else " (default: the one the map was built with)"),
+        )
+    if batch:
+        g.add_argument("--batch", type=int, default=8, metavar="N", help="images per forward pass (default 8)")
+    g.add_argument("--backend", choices=names(), default=None,
+                   help="auto (default): TensorRT for engines, ONNX Runtime otherwise; torch: the PyTorch reference")
+    g.add_argument("--providers", default=None, metavar="EP[,EP]",
+                   help="ONNX Runtime execution providers, e.g. cuda or tensorrt,cuda (default: CPU)")
+    g.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for ONNX Runtime / PyTorch / faiss")
+    g.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay the engine as a CUDA graph")
+    g.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the artifact's files (sizes are still checked; hashes are "
+                        "remembered per file, so the check costs seconds only the first time)")
+
+
+def providers(args: argparse.Namespace) -> tuple[str, ...] | None:
+    text = getattr(args, "providers", None)
+    return tuple(p.strip() for p in text.split(",") if p.strip()) if text else None
+
+
+def describer_kwargs(args: argparse.Namespace) -> dict:
+    """Describer.from_artifact keywords from the `add_runtime` options."""
+    return {
+        "backend": getattr(args, "backend", None) or "auto",
+        "providers": providers(args),
+        "threads": getattr(args, "threads", None),
+        "cuda_graph": bool(getattr(args, "cuda_graph", False)),
+        "verify": not getattr(args, "no_verify", False),
+    }

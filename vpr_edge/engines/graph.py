@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ast
 import re
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -162,6 +162,30 @@ def block_map(model) -> dict[str, int]:
     if not by_prefix:
         return {}
     return max(by_prefix.values(), key=len)
+
+
+def blocks_in_graph(model) -> dict[int, Counter]:
+    """block index -> Counter of op types computed in that block (the main stack, as `block_map`)."""
+    ops = {n.name: n.op_type for n in model.graph.node}
+    out: dict[int, Counter] = {}
+    for name, idx in block_map(model).items():
+        out.setdefault(idx, Counter())[ops[name]] += 1
+    return dict(sorted(out.items()))
+
+
+def facet_ops(model) -> Counter:
+    """Ops the FacetExtractor computes for block L itself (norm1 and one third of qkv, outside its trunk)."""
+    in_blocks = block_map(model)
+    c: Counter = Counter()
+    for node in model.graph.node:
+        scope = _meta(node).get("namespace", node.name)
+        if "FacetExtractor" in scope and node.name not in in_blocks and any(k in scope for k in ("norm1", "linear", "block")):
+            c[node.op_type] += 1
+    return c
+
+
+def op_counts(model) -> Counter:
+    return Counter(n.op_type for n in model.graph.node)
 
 
 def nodes_by_block(model) -> dict[int, list[str]]:

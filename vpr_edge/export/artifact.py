@@ -2,32 +2,37 @@
 
 Steps (each named for what it makes): the torch half (export.torch_side: verify set, reference model,
 vocabulary/PCA given or fitted, reference outputs, FP32 ONNX; in a worker process for full-size
-models) -> graph checks -> ONNX Runtime vs PyTorch -> optional FP16/INT8 graph -> manifest.
+models) -> graph checks -> the artifact run by the lean runtime's own Describer (the path users run on
+the robot: manifest, files, backend, batching, numpy aggregation) vs PyTorch -> optional FP16/INT8
+graph (`engines.precision.lower`), verified the same way -> manifest (`manifest.write_artifact`).
 Everything is written in a temporary folder that replaces the output only when verification passed.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from vpr_edge import fidelity
+from vpr_edge import fidelity, presets
 from vpr_edge.atomic import atomic_dir
+from vpr_edge.engines import graph
+from vpr_edge.engines.precision import table
 from vpr_edge.errors import ArtifactError, ConfigError, FidelityError
-from vpr_edge.export import graph
 from vpr_edge.export.steps import Steps
-from vpr_edge.manifest import Manifest, package_versions, sha256_file
+from vpr_edge.manifest import Manifest, package_versions, write_artifact
 from vpr_edge.presets import Preset
+from vpr_edge.space import DescriptorSpace, Identity
 
 log = logging.getLogger(__name__)
 
-# top-5 identical up to swaps of images the reference scores within fidelity.TIE_EPS (numerical ties)
-FP32_TOLERANCE = {"rel_err": 1e-4, "top5_agreement_ties": 1.0}
-PRECISIONS = ("fp32", "fp16", "int8")
 SCOPES = ("backbone", "descriptor")
+VERIFY_BATCH = 8  # images per verification run (ViT-G activations of 64 images at once would not fit)
+_VERSIONS = ("torch", "timm", "onnx", "onnxruntime", "onnxscript", "onnxconverter-common", "faiss-cpu")
 
 
 @dataclass(frozen=True)
@@ -52,10 +57,14 @@ class ExportOptions:
         return self.torch_worker == "on" or (self.torch_worker == "auto" and not preset.tiny_of)
 
     def check(self, preset: Preset) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        record = table.get(self.precision)
         if self.scope not in SCOPES:
             raise ConfigError(f"--scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.scope == "backbone" and not presets.head(preset).runtime:
+            raise ConfigError(
+                f"--scope backbone: the {preset.aggregator.kind} head of {preset.name} runs only inside the graph (the "
+                "runtime aggregates VLAD/GeM in numpy, not this head); export it with --scope descriptor"
+            )
         if self.opset < 17:
             raise ConfigError(f"--opset must be >= 17 (LayerNormalization as one node), got {self.opset}")
         if self.batch is not None and self.batch < 1:
@@ -66,42 +75,30 @@ class ExportOptions:
             raise ConfigError(f"--calibration-limit must be >= 1, got {self.calibration_limit}")
         if self.verify_limit < 4:
             raise ConfigError(f"--verify-limit must be >= 4, got {self.verify_limit}")
-
-
-def _ort_session(path: Path):
-    from vpr_edge.engines.ortrun import cpu_session
-
-    # verification runs a few images: peak ~1x the weights instead of ~2x
-    return cpu_session(path, prepack=False)
-
-
-def run_onnx(path: Path, images: np.ndarray, batch: int | None) -> np.ndarray:
-    """The artifact's outputs on `images` (fixed-batch graphs are padded by engines.ortrun)."""
-    from vpr_edge.engines.ortrun import run_onnx as run
-
-    return run(_ort_session(path), images, batch_size=batch or 8)
-
-
-def _check_fp32(report: dict) -> list[str]:
-    fails = []
-    if report["rel_err"] > FP32_TOLERANCE["rel_err"]:
-        fails.append(f"rel_err {report['rel_err']:.2e} > {FP32_TOLERANCE['rel_err']:.0e}")
-    if report["top5_agreement_ties"] < FP32_TOLERANCE["top5_agreement_ties"]:
-        fails.append(
-            f"top-5 agreement {report['top5_agreement_ties']:.3f} < 1.0 (swaps of images the reference scores within "
-            f"{fidelity.TIE_EPS:.0e} counted as ties; score error {report['score_err_max']:.1e})"
-        )
-    if report["nonfinite"]:
-        fails.append(f"{report['nonfinite']} non-finite outputs")
-    return fails
+        if self.io_dtype not in record.io_dtypes:
+            raise ConfigError(f"--io-dtype {self.io_dtype} does not apply to {self.precision} (it takes {', '.join(record.io_dtypes)})")
+        # options that would do nothing for this precision are refused, not silently ignored
+        given = {
+            "calibration": self.calibration is not None,
+            "calibration_method": self.calibration_method != "max",
+            "calibration_limit": self.calibration_limit != 512,
+            "target_agreement": self.target_agreement is not None,
+            "io_dtype": self.io_dtype != "float32",
+        }
+        idle = sorted(k for k, on in given.items() if on and k not in record.options)
+        if idle:
+            opts = ", ".join("--" + k.replace("_", "-") for k in idle)
+            users = sorted(n for n, p in table.PRECISIONS.items() if set(idle) <= p.options)
+            raise ConfigError(f"{opts} do(es) nothing with --precision {self.precision}"
+                              + (f"; it applies to --precision {', '.join(users)}" if users else ""))
 
 
 def _graph_report(preset: Preset, onnx_path: Path) -> dict:
     """What the graph computes; refuses a graph that computes more than the facet needs."""
-    model = graph.load_structure(onnx_path)
+    model = graph.load(onnx_path, load_weights=False)
     blocks = graph.blocks_in_graph(model)
     ops = graph.op_counts(model)
-    rep = {
+    rep: dict[str, Any] = {
         "blocks": sorted(blocks),
         "ops": dict(sorted(ops.items())),
         "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None),
@@ -122,6 +119,89 @@ def _graph_report(preset: Preset, onnx_path: Path) -> dict:
     return rep
 
 
+def _io(v) -> dict:
+    import onnx
+
+    dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+    return {"name": v.name, "shape": dims, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name}
+
+
+def _onnx_files(path: Path) -> dict[str, str]:
+    """The model file and its external-data files, by name -> manifest role."""
+    from vpr_edge.export.onnx_from_torch import onnx_files
+
+    return {name: "onnx" if name == path.name else "onnx-data" for name in onnx_files(path)}
+
+
+class _Writer:
+    """Writes the artifact's manifest (provisional ones too, so the runtime can open the folder)."""
+
+    def __init__(self, tmp: Path, preset: Preset, side, options: ExportOptions, weights: str, seed: int):
+        self.tmp, self.preset, self.options = tmp, preset, options
+        self.fitted: dict[str, str] = {}
+        if side.vocabulary is not None:
+            side.vocabulary.save(tmp / "vocabulary.npz")
+            self.fitted["vocabulary.npz"] = "vocabulary"
+        if side.pca is not None:
+            side.pca.save(tmp / "pca.npz")
+            self.fitted["pca.npz"] = "pca"
+        self.space = DescriptorSpace.of(
+            preset, side.weights_id,
+            vocabulary=side.vocabulary.fingerprint if side.vocabulary is not None else None,
+            pca=side.pca.fingerprint if side.pca is not None else None,
+        )
+        self.weights_id = side.weights_id
+        self.weights_label = weights if weights in ("random", "auto") else Path(weights).name
+        self.seed = seed
+        self.side = side
+
+    def write(self, onnx_path: Path, precision: str, details: dict, verification: dict, *, final: bool) -> Manifest:
+        import onnx
+
+        g = onnx.load(str(onnx_path), load_external_data=False)
+        o = self.options
+        files = {**_onnx_files(onnx_path), **self.fitted}
+        if final:  # anything else the lowering left in the folder travels with the artifact, recorded
+            for p in self.tmp.iterdir():
+                if p.is_file() and p.name not in files and p.name != "manifest.json" and not p.name.startswith("."):
+                    files[p.name] = "precision-report" if p.suffix == ".json" else "onnx-extra"
+        identity = Identity.of(self.preset, self.weights_id, precision=precision, scope=o.scope)
+        return write_artifact(
+            self.tmp, "onnx", files, self.space.to_dict(), identity.to_dict(),
+            {
+                "scope": o.scope,
+                "precision": precision,
+                "io_dtype": o.io_dtype if precision == "fp16" else "float32",
+                "batch": o.batch or "dynamic",
+                "image_size": list(self.preset.preprocess.image_size),
+                "preprocess": asdict(self.preset.preprocess),
+                "descriptor_dim": self.preset.descriptor_dim,
+                "weights": self.weights_label,
+                "seed": self.seed,
+                "vocabulary_source": self.side.vocabulary.meta.get("source") if self.side.vocabulary is not None else None,
+                "pca_source": self.side.pca.meta.get("source") if self.side.pca is not None else None,
+                **details,
+            },
+            preset=self.preset.to_dict(),
+            inputs=[_io(v) for v in g.graph.input],
+            outputs=[_io(v) for v in g.graph.output],
+            verification=verification,
+            versions=package_versions(*_VERSIONS),
+            hashes=final,
+        )
+
+
+def _runtime_outputs(tmp: Path, images: np.ndarray, raw: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(descriptors, raw backend outputs or None) of the artifact in `tmp`, through the runtime's Describer."""
+    from vpr_edge.runtime.backends import BackendOptions
+    from vpr_edge.runtime.describer import Describer
+
+    # verification runs a few images: no weight prepacking, ~1x the weights resident instead of ~2x
+    with Describer.from_artifact(tmp, verify=False, options=BackendOptions(prepack=False)) as d:
+        out = d.run_backend(images, batch=VERIFY_BATCH)
+        return d.aggregate(out), (out if raw else None)
+
+
 def export_artifact(
     preset: Preset,
     output: Path,
@@ -135,121 +215,94 @@ def export_artifact(
 ) -> Manifest:
     """Export, verify and write the artifact folder `output`; return its manifest."""
     from vpr_edge.export import torch_side as T
-    from vpr_edge.export.onnx_from_torch import onnx_files
 
     options.check(preset)
     output = Path(output)
     if output.exists() and not force:
         raise ArtifactError(f"{output} already exists; pass --force to overwrite it or choose another --output")
     steps = Steps(options.progress)
-    hashes: dict[str, str | None] = {"weights": _weights_hash(weights), "vocabulary": None, "pca": None}
     in_worker = options.uses_worker(preset)
+    record = table.get(options.precision)
+    fp32 = table.get("fp32")
 
     with atomic_dir(output, force=force) as tmp:
         # a lowered artifact holds only its FP16/INT8 graph as model.onnx; FP32 is an intermediate
-        onnx_path = tmp / ("model.onnx" if options.precision == "fp32" else "model.fp32.onnx")
+        onnx_path = tmp / ("model.onnx" if record.lowering is None else "model.fp32.onnx")
         run_torch = T.torch_side_in_worker if in_worker else T.torch_side
         side = run_torch(preset, weights, vocabulary, pca, options, seed, onnx_path)
         steps.merge(side.times, side.peak_rss_gib)
-        vs, vocab_obj, pca_obj = side.verify, side.vocabulary, side.pca
-        ref_out, ref_desc = side.reference, side.reference_desc
-        aggregator = None  # rebuilt (torch imported) only when backbone-scope outputs need it, after ORT ran
+        vs, ref_out, ref_desc = side.verify, side.reference, side.reference_desc
         graph_rep = _graph_report(preset, onnx_path)
-        ort_out = steps.run("verifying with ONNX Runtime", run_onnx, onnx_path, vs.images, options.batch)
-        if options.scope == "backbone":
-            aggregator = T.head_from_state(preset, side, seed, weights)
-            ort_desc = T.descriptors_from_features(aggregator, ort_out)
-        else:
-            ort_desc = ort_out
+        writer = _Writer(tmp, preset, side, options, weights, seed)
+        writer.write(onnx_path, "fp32", {"graph": graph_rep}, {}, final=False)
+        backbone = options.scope == "backbone"
+        ort_desc, ort_raw = steps.run("verifying with the runtime (ONNX Runtime)", _runtime_outputs, tmp, vs.images, backbone)
         report = fidelity.compare_descriptors(ref_desc, ort_desc, vs.db_idx, vs.q_idx, vs.positives)
-        if options.scope == "backbone":
-            raw = fidelity.compare_descriptors(ref_out.reshape(len(ref_out), -1), ort_out.reshape(len(ort_out), -1),
+        if backbone:
+            raw = fidelity.compare_descriptors(ref_out.reshape(len(ref_out), -1), ort_raw.reshape(len(ort_raw), -1),
                                                vs.db_idx, vs.q_idx)
             report["features_rel_err"] = raw["rel_err"]
             report["rel_err"] = max(report["rel_err"], raw["rel_err"])
-        fails = _check_fp32(report)
-        verification = {
+        fails = fp32.gate(report)
+        verification: dict[str, Any] = {
             "set": vs.describe(),
             "reference": "PyTorch FP32 eager",
-            "fp32": {"report": report, "tolerance": FP32_TOLERANCE, "passed": not fails},
+            "run_by": "the runtime's Describer (ONNX Runtime, CPU)",
+            "fp32": {"report": report, "tolerance": fp32.threshold_record(), "passed": not fails},
         }
         if fails and not options.accept_fidelity:
             raise FidelityError(f"FP32 ONNX does not match PyTorch on {vs.source}: {'; '.join(fails)}; nothing was written")
 
-        precision_details: dict = {}
-        if options.precision != "fp32":
-            from vpr_edge.export import precision as P
-
-            precision_details = steps.run(
-                f"lowering to {options.precision} + verifying", P.lower_precision, preset, aggregator, onnx_path, vs,
-                ref_desc, options, tmp / "model.onnx",
-            )
-            verification[options.precision] = precision_details.pop("verification")
-            P.remove_graph(onnx_path)
-
-        files_role = {}
-        for name in onnx_files(tmp / "model.onnx"):
-            files_role[name] = "onnx" if name == "model.onnx" else "onnx-data"
-        extra = [p.name for p in tmp.iterdir() if p.name not in files_role and not p.name.startswith(".")]
-        if vocab_obj is not None:
-            vocab_obj.save(tmp / "vocabulary.npz")
-            files_role["vocabulary.npz"] = "vocabulary"
-            hashes["vocabulary"] = vocab_obj.fingerprint  # content, not the file (which holds a timestamp)
-        if pca_obj is not None:
-            pca_obj.save(tmp / "pca.npz")
-            files_role["pca.npz"] = "pca"
-            hashes["pca"] = pca_obj.fingerprint
-        for name in extra:
-            files_role.setdefault(name, "precision-report" if name.endswith(".json") else "onnx-extra")
-
-        import onnx
-
-        g = onnx.load(str(tmp / "model.onnx"), load_external_data=False)
-        manifest = Manifest(
-            kind="onnx",
-            preset=preset.to_dict(),
-            space=preset.space(),
-            inputs=[_io(v) for v in g.graph.input],
-            outputs=[_io(v) for v in g.graph.output],
-            hashes=hashes,
-            versions=package_versions("torch", "timm", "onnx", "onnxruntime", "onnxscript", "onnxconverter-common", "faiss-cpu"),
-            verification=verification,
-            details={
-                "scope": options.scope,
-                "precision": options.precision,
-                "io_dtype": options.io_dtype if options.precision == "fp16" else "float32",
-                "batch": options.batch or "dynamic",
-                "opset": graph_rep["opset"],
-                "image_size": list(preset.preprocess.image_size),
-                "preprocess": asdict(preset.preprocess),
-                "descriptor_dim": preset.descriptor_dim,
-                "weights": weights if weights in ("random", "auto") else str(Path(weights).name),
-                "vocabulary_source": vocab_obj.meta.get("source") if vocab_obj is not None else None,
-                "pca_source": pca_obj.meta.get("source") if pca_obj is not None else None,
-                "graph": graph_rep,
-                "torch_worker": in_worker,
-                "timings_s": steps.times,
-                "peak_rss_gib": steps.peak_rss_gib,
-                **precision_details,
-            },
-        )
-        for name, role in files_role.items():
-            if (tmp / name).exists():
-                manifest.add_file(tmp, name, role)
-        manifest.save(tmp)
+        details: dict[str, Any] = {"graph": graph_rep, "torch_worker": in_worker}
+        final_onnx = onnx_path
+        if record.lowering is not None:
+            lowered = steps.run(f"lowering to {options.precision} + verifying", _lower, preset, tmp, onnx_path, side,
+                                options, writer, graph_rep)
+            verification[options.precision] = {**lowered.verification, "reference": "PyTorch FP32 eager"}
+            details.update(lowered.details)
+            _remove_graph(onnx_path)
+            final_onnx = tmp / "model.onnx"
+        details.update({"timings_s": steps.times, "peak_rss_gib": steps.peak_rss_gib})
+        manifest = writer.write(final_onnx, options.precision, details, verification, final=True)
     return manifest
 
 
-def _io(v) -> dict:
-    import onnx
+def _lower(preset: Preset, tmp: Path, fp32_path: Path, side, options: ExportOptions, writer: _Writer, graph_rep: dict):
+    """The FP16/INT8 graph of `fp32_path` as tmp/model.onnx, verified against PyTorch FP32 through the
+    runtime (`run_final`), with a provisional manifest naming it so the runtime can open the folder."""
+    from vpr_edge.engines.precision import calibration as C
+    from vpr_edge.engines.precision.lower import lower_onnx
 
-    dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-    return {"name": v.name, "shape": dims, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name}
+    vs = side.verify
+    calib, calib_info, calib_source = None, {}, ""
+    if options.calibration is not None:
+        calib, calib_info = C.calibration_images(
+            options.calibration, preset.preprocess, limit=options.calibration_limit, progress=options.progress
+        )
+        calib_source = str(options.calibration)
+    to_desc = None
+    if options.scope == "backbone":  # search candidates are judged on descriptors, aggregated as the runtime does
+        from vpr_edge.runtime.aggregate import Aggregation
+
+        to_desc = Aggregation.for_preset(preset, tmp / "vocabulary.npz" if side.vocabulary is not None else None,
+                                         tmp / "pca.npz" if side.pca is not None else None)
+
+    def run_final(path: Path) -> np.ndarray:
+        writer.write(path, options.precision, {"graph": graph_rep}, {}, final=False)
+        return _runtime_outputs(tmp, vs.images)[0]
+
+    res = lower_onnx(
+        fp32_path, tmp / "model.onnx", options.precision, vs,
+        reference=side.reference_desc, to_descriptors=to_desc, run_final=run_final,
+        calibration=calib, calibration_method=options.calibration_method, calibration_source=calib_source,
+        io_dtype=options.io_dtype, target_agreement=options.target_agreement, accept_fidelity=options.accept_fidelity,
+    )
+    if calib_info:
+        res.details["calibration_set"] = calib_info
+    return res
 
 
-
-def _weights_hash(weights: str) -> str | None:
-    if weights in ("random", "auto"):
-        return weights
-    p = Path(weights)
-    return sha256_file(p) if p.is_file() else None
+def _remove_graph(path: Path) -> None:
+    """Delete an ONNX file and its external-data files."""
+    for name in _onnx_files(path):
+        os.unlink(path.parent / name)

@@ -1,5 +1,5 @@
-"""The PyTorch half of an export: verify images, reference model, vocabulary/PCA, reference
-outputs and the FP32 ONNX file.
+"""The PyTorch half of an export: verify images, the reference model (`models.reference`, fitting a
+map-specific vocabulary/PCA when none is given), reference outputs and the FP32 ONNX file.
 
 For full-size models it runs in a spawned worker process. Measured on ViT-G (issue 3): after the
 exporter has run, about 1x of the FP32 weights stays resident in the process even with the model
@@ -16,8 +16,8 @@ import numpy as np
 
 from vpr_edge.errors import ArtifactError, ConfigError
 from vpr_edge.export.steps import Steps
-from vpr_edge.export.verify_set import VerifySet
 from vpr_edge.presets import Preset
+from vpr_edge.verifyset import VerifySet
 
 
 @dataclass
@@ -30,7 +30,7 @@ class TorchSide:
     pca: object | None
     reference: np.ndarray  # the exported module's outputs on verify.images
     reference_desc: np.ndarray  # descriptors (= reference for descriptor scope)
-    head_state: dict[str, np.ndarray]  # aggregator state, to turn backbone-scope outputs into descriptors
+    weights_id: str  # what identifies the weights (vpr_edge.space)
     weights_bytes: int
     times: dict[str, float] = field(default_factory=dict)
     peak_rss_gib: dict[str, float] = field(default_factory=dict)
@@ -45,28 +45,6 @@ def torch_outputs(module, images: np.ndarray, batch: int = 2) -> np.ndarray:
         )
 
 
-def descriptors_from_features(aggregator, feats: np.ndarray) -> np.ndarray:
-    """Backbone-scope artifacts are judged on the descriptors they lead to (same torch aggregator)."""
-    import torch
-
-    with torch.inference_mode():
-        return aggregator(torch.from_numpy(feats)).float().numpy()
-
-
-def head_from_state(preset: Preset, side: TorchSide, seed: int, weights: str):
-    """The aggregator the torch half used, rebuilt from its state (BoQ: caches frozen)."""
-    import torch
-
-    from vpr_edge.models import build as B
-
-    head = B.build_aggregator(preset, side.vocabulary, side.pca, seed=seed, origin=weights)
-    head.load_state_dict({k: torch.from_numpy(v) for k, v in side.head_state.items()}, strict=True)
-    head.eval()
-    if hasattr(head, "freeze"):
-        head.freeze()
-    return head
-
-
 def _fit_set(vs: VerifySet) -> tuple[np.ndarray, str]:
     if vs.fit_images is not None and len(vs.fit_images):
         return vs.fit_images, f"{len(vs.fit_images)} {vs.source} images outside the verify set"
@@ -74,34 +52,40 @@ def _fit_set(vs: VerifySet) -> tuple[np.ndarray, str]:
     return vs.images[vs.db_idx], f"the {len(vs.db_idx)} {vs.source} verify database images"
 
 
-def _fit_vocabulary(preset: Preset, backbone, vs: VerifySet, seed: int):
+def _vocabulary_fitter(preset: Preset, vs: VerifySet, seed: int, steps: Steps):
     """Map-specific vocabulary (AnyLoc's 'map' vocabulary) when none is given."""
-    from vpr_edge.models import vocabulary as V
 
-    images, where = _fit_set(vs)
-    feats = torch_outputs(backbone, images)
-    k = preset.aggregator.clusters
-    if feats.shape[0] * feats.shape[1] < 4 * k:
-        raise ConfigError(
-            f"cannot fit {k} clusters on {feats.shape[0]} images; pass --vocabulary or more --verify images"
+    def fit(backbone, weights_id: str):
+        return steps.run("fitting vocabulary", _fit_vocabulary, backbone, weights_id)
+
+    def _fit_vocabulary(backbone, weights_id: str):
+        from vpr_edge.models import vocabulary as V
+
+        images, where = _fit_set(vs)
+        feats = torch_outputs(backbone, images)
+        k = preset.aggregator.clusters
+        if feats.shape[0] * feats.shape[1] < 4 * k:
+            raise ConfigError(
+                f"cannot fit {k} clusters on {feats.shape[0]} images; pass --vocabulary or more --verify images"
+            )
+        return V.fit_vocabulary(
+            ((str(i), f) for i, f in enumerate(feats)), preset=preset, k=k, per_image=feats.shape[1], seed=seed,
+            progress=False, source=f"fitted on {where}", weights=weights_id,
         )
-    return V.fit_vocabulary(
-        ((str(i), f) for i, f in enumerate(feats)),
-        preset=preset,
-        k=k,
-        per_image=feats.shape[1],
-        seed=seed,
-        progress=False,
-        source=f"fitted on {where}",
-    )
+
+    return fit
 
 
-def _fit_pca(preset: Preset, model_no_pca, vs: VerifySet):
-    from vpr_edge.models import pca as P
+def _pca_fitter(preset: Preset, vs: VerifySet, steps: Steps):
+    def fit(model_no_pca, weights_id: str, vocabulary):
+        from vpr_edge.models import pca as P
 
-    images, where = _fit_set(vs)
-    desc = torch_outputs(model_no_pca, images)
-    return P.fit_pca_whitening(desc, preset=preset, source=f"fitted on {where}")
+        images, where = _fit_set(vs)
+        return steps.run("fitting PCA", lambda: P.fit_pca_whitening(
+            torch_outputs(model_no_pca, images), preset=preset, source=f"fitted on {where}", weights=weights_id,
+            vocabulary=vocabulary))
+
+    return fit
 
 
 def torch_side(
@@ -109,57 +93,36 @@ def torch_side(
 ) -> TorchSide:
     """Build, fit what is missing, run the reference and write the FP32 graph to `onnx_path`."""
     from vpr_edge.atomic import check_disk
-    from vpr_edge.export import verify_set
     from vpr_edge.export.onnx_from_torch import onnx_from_torch, param_bytes
-    from vpr_edge.models import build as B
+    from vpr_edge.models.preprocess import load_batch
+    from vpr_edge.models.reference import build_reference
+    from vpr_edge.verifyset import verify_set
 
     steps = Steps(options.progress)
     vs = steps.run(
-        "verify images",
-        lambda: verify_set.from_folder(options.verify, preset.preprocess, options.verify_limit)
-        if options.verify
-        else verify_set.synthetic(preset.preprocess, seed=seed),
+        "verify images", verify_set, options.verify, preset.preprocess, options.verify_limit, seed=seed,
+        load=lambda paths: load_batch(paths, preset.preprocess).numpy(),  # the reference's own preprocessing
     )
-    release = B.fetch_release(preset, weights)
-    backbone = steps.run("building model", B.build_backbone, preset, weights, seed, release)
-    backbone.eval()
-    vocab_obj = pca_obj = None
-    if preset.aggregator.kind == "vlad":
-        if vocabulary is None:
-            vocab_obj = steps.run("fitting vocabulary", _fit_vocabulary, preset, backbone, vs, seed)
-        else:
-            from vpr_edge.models import vocabulary as V
-
-            vocab_obj = vocabulary if isinstance(vocabulary, V.Vocabulary) else V.load_vocabulary(vocabulary)
-    if preset.aggregator.pca_dim:
-        if pca is None:
-            no_pca = B.VprModel(preset, backbone, B.build_aggregator(preset.without_pca(), vocab_obj)).eval()
-            pca_obj = steps.run("fitting PCA", _fit_pca, preset, no_pca, vs)
-        else:
-            from vpr_edge.models import pca as P
-
-            pca_obj = pca if isinstance(pca, P.PCAWhitening) else P.load_pca(pca)
-    aggregator = B.build_aggregator(preset, vocab_obj, pca_obj, state_dict=release, seed=seed, origin=weights)
-    model = B.VprModel(preset, backbone, aggregator).eval()
-    del release
-    if hasattr(model.aggregator, "freeze"):
-        model.aggregator.freeze()  # BoQ: image-independent query self-attention becomes a constant
-
+    ref = steps.run(
+        "building model", build_reference, preset, weights, vocabulary=vocabulary, pca=pca, seed=seed,
+        fit_vocabulary=_vocabulary_fitter(preset, vs, seed, steps), fit_pca=_pca_fitter(preset, vs, steps),
+    )
+    model = ref.model
     module = model.backbone if options.scope == "backbone" else model
     out_name = "features" if options.scope == "backbone" else "descriptor"
     ref_out = steps.run("PyTorch reference", torch_outputs, module, vs.images)
-    ref_desc = ref_out if options.scope == "descriptor" else descriptors_from_features(model.aggregator, ref_out)
+    ref_desc = ref_out if options.scope == "descriptor" else torch_outputs(model.aggregator, ref_out)
     weights_bytes = param_bytes(module)
     check_disk(onnx_path.parent, int(weights_bytes * 2.2) + (64 << 20))
     steps.run("tracing + writing ONNX", onnx_from_torch, module, preset.preprocess.image_size, onnx_path,
               output_name=out_name, batch=options.batch, opset=options.opset)
     return TorchSide(
         verify=vs,
-        vocabulary=vocab_obj,
-        pca=pca_obj,
+        vocabulary=ref.vocabulary,
+        pca=ref.pca,
         reference=ref_out,
         reference_desc=ref_desc,
-        head_state={k: v.detach().cpu().numpy().copy() for k, v in model.aggregator.state_dict().items()},
+        weights_id=ref.weights_id,
         weights_bytes=weights_bytes,
         times=steps.times,
         peak_rss_gib=steps.peak_rss_gib,

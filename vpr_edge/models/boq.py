@@ -203,3 +203,21 @@ def freeze_caches(module: nn.Module) -> nn.Module:
         if isinstance(m, BoQ):
             m.freeze()
     return module
+
+
+def build_head(preset, *, vocabulary=None, pca=None, state_dict=None, seed: int = 0, origin: str = "the BoQ checkpoint") -> nn.Module:
+    """The `boq` head kind (presets.HEADS): the head of a BoQ release checkpoint (its `aggregator.*`
+    part, strictly loaded), or seeded random weights without one."""
+    from vpr_edge.models import weights as W
+
+    head = BoQ.from_preset(preset)
+    if state_dict is None:
+        W.init_random_(head, seed)  # seeded per tensor name, like the backbones: a rebuilt reference is equal
+        return head
+    w = preset.aggregator.weights
+    sd = W.subdict(state_dict, "aggregator.")
+    expected = {f"aggregator.{k}": tuple(v.shape) for k, v in head.state_dict().items()}
+    W.check_layout({f"aggregator.{k}": v for k, v in sd.items()}, expected, "boq-head", origin=origin,
+                   url=w.url if w else None)
+    head.load_state_dict(sd, strict=True)
+    return head

@@ -65,11 +65,3 @@ class BoQDinoV2(nn.Module):
         t = self.dino.forward_features(x)[:, self.dino.num_prefix_tokens :]
         b, _, c = t.shape
         return t.transpose(1, 2).reshape(b, c, gh, gw)
-
-
-def build_boq_backbone(spec: Backbone, *, image_size: tuple[int, int] | None = None) -> "BoQResNet | BoQDinoV2":
-    if spec.family == "resnet":
-        return BoQResNet(spec)
-    if spec.family == "dinov2":
-        return BoQDinoV2(spec, image_size=image_size)
-    raise ConfigError(f"BoQ backbones are resnet or dinov2, got family {spec.family!r}")

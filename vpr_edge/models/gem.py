@@ -70,3 +70,8 @@ class GeM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, mode={self.mode}"
+
+
+def build_head(preset, *, vocabulary=None, pca=None, state_dict=None, seed: int = 0, origin: str = "") -> nn.Module:
+    """The `gem` head kind (presets.HEADS): AnyLoc's signed GeM with the preset's p."""
+    return GeM(p=preset.aggregator.gem_p)

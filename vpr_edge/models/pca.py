@@ -1,37 +1,26 @@
-"""PCA-whitening of global descriptors (AnyLoc-VLAD-DINOv2-PCA: 49152 -> 512).
+"""PCA-whitening of global descriptors (AnyLoc-VLAD-DINOv2-PCA: 49152 -> 512): fitting, and the torch layer.
 
 `fit_pca` uses faiss.PCAMatrix with eigen_power=-0.5. faiss works from the n x n Gram matrix
 when there are fewer descriptors than dimensions (a few hundred 49152-d VLADs), but centred data
 of n rows has rank <= n - 1, so whitening to `dim` needs n > dim descriptors: the talk's "too few
 database images to do PCA" is refused with a clear error instead of dividing by zero eigenvalues.
 
-File: `.npz` with `mean` [D], `proj` [d_out, D], `eigenvalues` and a JSON `meta` string like a
-vocabulary's (format, preset, space, dim, whiten, descriptors, vocabulary fingerprint); see
-vocabulary.save_npz.
+The file and the torch-free `PCAWhitening` record live in `vpr_edge.fitted` (the runtime reads them).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vpr_edge.errors import ArtifactError, ConfigError, InputError
+from vpr_edge.errors import ConfigError, InputError
+from vpr_edge.fitted import PCAWhitening, Vocabulary
 from vpr_edge.lazy import lazy_import
 from vpr_edge.models.vlad import NORM_EPS, l2_normalize
-from vpr_edge.models.vocabulary import (
-    Vocabulary,
-    array_fingerprint,
-    describe_space,
-    import_faiss,
-    load_npz,
-    preset_meta,
-    save_npz,
-    space_mismatch,
-)
+from vpr_edge.models.vocabulary import import_faiss
 from vpr_edge.presets import Preset
+from vpr_edge.space import DescriptorSpace
 
 torch = lazy_import("torch")
 nn = torch.nn
@@ -110,96 +99,9 @@ def fit_pca_full(descriptors: np.ndarray, dim: int, whiten: bool = True) -> tupl
     return mean, proj.astype(np.float32), (eig / n).astype(np.float32)
 
 
-@dataclass
-class PCAWhitening:
-    """A fitted PCA(-whitening): arrays + meta (like a vocabulary's); `.module()` gives the torch layer."""
-
-    mean: np.ndarray
-    proj: np.ndarray
-    meta: dict[str, Any] = field(default_factory=dict)
-    eigenvalues: np.ndarray | None = None
-    path: Path | None = None
-
-    def __post_init__(self) -> None:
-        self.mean = np.ascontiguousarray(self.mean, dtype=np.float32)
-        self.proj = np.ascontiguousarray(self.proj, dtype=np.float32)
-        if self.mean.ndim != 1 or self.proj.ndim != 2 or self.proj.shape[1] != self.mean.shape[0]:
-            raise ArtifactError(
-                f"{self._name()}: expected mean [D] and proj [d_out, D], got {self.mean.shape} and {self.proj.shape}"
-            )
-        if not (np.isfinite(self.mean).all() and np.isfinite(self.proj).all()):
-            raise ArtifactError(f"{self._name()}: PCA arrays contain NaN/inf; re-fit it")
-        self.meta = dict(self.meta)
-
-    def _name(self) -> str:
-        return str(self.path) if self.path else "PCA"
-
-    @property
-    def in_dim(self) -> int:
-        return int(self.proj.shape[1])
-
-    @property
-    def out_dim(self) -> int:
-        return int(self.proj.shape[0])
-
-    @property
-    def fingerprint(self) -> str:
-        return array_fingerprint(np.concatenate([self.mean, self.proj.ravel()]))
-
-    def module(self) -> PCAWhiten:
-        """The torch layer holding these arrays as buffers."""
-        return PCAWhiten(torch.from_numpy(self.mean), torch.from_numpy(self.proj))
-
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        """numpy reference: L2((x - mean) @ proj^T)."""
-        y = (np.asarray(x, dtype=np.float32) - self.mean) @ self.proj.T
-        return y / np.maximum(np.linalg.norm(y, axis=-1, keepdims=True), NORM_EPS)
-
-    # -- files ------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        arrays = {"mean": self.mean, "proj": self.proj}
-        if self.eigenvalues is not None:
-            arrays["eigenvalues"] = np.asarray(self.eigenvalues, dtype=np.float32)
-        meta = self.meta | {"in_dim": self.in_dim, "dim": self.out_dim, "fingerprint": self.fingerprint}
-        self.path = save_npz(path, arrays, meta, "pca")
-        return self.path
-
-    @classmethod
-    def load(cls, path: str | Path, preset: Preset | None = None) -> "PCAWhitening":
-        data, meta = load_npz(path, "pca", ("mean", "proj"))
-        pw = cls(data["mean"], data["proj"], meta, data.get("eigenvalues"), Path(path))
-        if preset is not None:
-            pw.check_for(preset)
-        return pw
-
-    # -- validation -------------------------------------------------------------------------
-    def check_for(self, preset: Preset, vocabulary: Vocabulary | None = None) -> None:
-        """Refuse a PCA fitted for other descriptors (size, backbone/layer/facet, aggregator, vocabulary)."""
-        name = self._name()
-        full = preset.without_pca().descriptor_dim
-        want_out = preset.aggregator.pca_dim or self.out_dim
-        if (self.in_dim, self.out_dim) != (full, want_out):
-            raise ArtifactError(
-                f"{name} maps {self.in_dim} -> {self.out_dim} dims, {preset.name} needs {full} -> {want_out}; fit one "
-                f"with `vpr-edge pca fit IMAGES --model {preset.name} --vocabulary V --dim {want_out} --output pca.npz`"
-            )
-        have, want = self.meta.get("space"), preset.space()
-        if have:
-            diffs = space_mismatch(have, want)
-            ha, wa = have.get("aggregator") or {}, want.get("aggregator") or {}
-            if (ha.get("kind"), ha.get("clusters")) != (wa.get("kind"), wa.get("clusters")):
-                diffs.append("aggregator")
-            if diffs:
-                raise ArtifactError(
-                    f"{name} was fitted on {ha.get('kind')} descriptors of {describe_space(have)}, {preset.name} uses "
-                    f"{wa.get('kind')} on {describe_space(want)} ({', '.join(diffs)} differ); re-fit it with `vpr-edge pca fit`"
-                )
-        fitted_with = self.meta.get("vocabulary_fingerprint")
-        if vocabulary is not None and fitted_with and fitted_with != vocabulary.fingerprint:
-            raise ArtifactError(
-                f"{name} was fitted on VLADs of vocabulary {fitted_with[:12]}, the model uses {vocabulary.fingerprint[:12]}; "
-                "re-fit the PCA with this --vocabulary"
-            )
+def pca_module(pw: PCAWhitening) -> PCAWhiten:
+    """The torch layer holding a fitted PCA's arrays as buffers."""
+    return PCAWhiten(torch.from_numpy(pw.mean), torch.from_numpy(pw.proj))
 
 
 def fit_pca_whitening(
@@ -209,9 +111,11 @@ def fit_pca_whitening(
     whiten: bool = True,
     vocabulary: Vocabulary | None = None,
     source: str = "vpr-edge pca fit",
+    weights: str | None = None,
     **details: Any,
 ) -> PCAWhitening:
-    """Fit on descriptors of `preset` before PCA; `dim` defaults to the preset's pca_dim."""
+    """Fit on descriptors of `preset` before PCA; `dim` defaults to the preset's pca_dim. `weights`: the
+    weights id of the network the descriptors came from (recorded in the space)."""
     dim = dim or preset.aggregator.pca_dim
     if not dim:
         raise ConfigError(f"{preset.name} has no PCA dimension; pass --dim (AnyLoc uses 512)")
@@ -222,7 +126,8 @@ def fit_pca_whitening(
         )
     mean, proj, eig = fit_pca_full(descriptors, dim, whiten)
     target = preset.with_overrides(pca_dim=dim)
-    meta = preset_meta(target, "pca") | {
+    space = DescriptorSpace.of(target, weights, vocabulary=vocabulary.fingerprint if vocabulary is not None else None)
+    meta = {"space": space.to_dict(), "preset": target.name, "preset_record": target.to_dict()} | {
         "in_dim": int(mean.shape[0]),
         "dim": dim,
         "whiten": whiten,
@@ -236,5 +141,3 @@ def fit_pca_whitening(
     return PCAWhitening(mean, proj, meta | details, eig)
 
 
-def load_pca(path: str | Path, preset: Preset | None = None) -> PCAWhitening:
-    return PCAWhitening.load(path, preset)

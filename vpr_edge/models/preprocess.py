@@ -16,8 +16,8 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from vpr_edge.presets import Preprocess
-from vpr_edge.runtime.images import load_rgb
-from vpr_edge.runtime.preprocess import resize_plan
+from vpr_edge.imaging.decode import load_rgb
+from vpr_edge.imaging.geometry import resize_plan
 
 
 def image_to_tensor(image, pre: Preprocess) -> torch.Tensor:

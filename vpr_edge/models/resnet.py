@@ -14,7 +14,6 @@ torch = lazy_import("torch")
 _tv_resnet = lazy_import("torchvision.models.resnet")
 nn = torch.nn
 
-STEM = ("conv1", "bn1", "relu", "maxpool")
 
 
 def _stage(inplanes: int, planes: int, blocks: int, stride: int) -> "nn.Sequential":

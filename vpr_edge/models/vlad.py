@@ -81,3 +81,14 @@ class HardVLAD(nn.Module):
 
     def extra_repr(self) -> str:
         return f"clusters={self.num_clusters}, dim={self.dim}"
+
+
+def build_head(preset, *, vocabulary=None, pca=None, state_dict=None, seed: int = 0, origin: str = "") -> nn.Module:
+    """The `vlad` head kind (presets.HEADS): hard VLAD with the preset's vocabulary (a `fitted.Vocabulary`)."""
+    if vocabulary is None:
+        raise ConfigError(
+            f"{preset.name} needs a VLAD vocabulary ({preset.aggregator.clusters} centres); fit one with "
+            f"`vpr-edge vocab fit IMAGES --model {preset.name} --output vocab.npz` and pass --vocabulary"
+        )
+    vocabulary.check_for(preset)
+    return HardVLAD(torch.from_numpy(vocabulary.centers.copy()))

@@ -1,39 +1,30 @@
-"""VLAD vocabularies: cosine k-means centres over facet features, with metadata saying what they are for.
+"""Fitting VLAD vocabularies: streaming cosine k-means over facet features (faiss), and AnyLoc's
+released `c_centers.pt` imported as a vocabulary.
 
-File format: `.npz` holding `centers` (float32 [K, D]) and `meta`, a JSON string (the
-vocabulary's manifest): format tag, preset name and descriptor space (`Preset.space()`:
-backbone, layer, facet, image size), k, dim, images, patches used, per-image cap, seed, source,
-weights, versions, creation time. Written atomically. AnyLoc's released `c_centers.pt` (a bare
-[K, D] tensor) is read too; without a preset it carries no provenance, so only its shape can be
-checked.
+The file format and the `Vocabulary` record are torch-free and live in `vpr_edge.fitted` (the
+runtime reads them too). AnyLoc's `c_centers.pt` is a bare [K, D] tensor: without a preset it
+carries no provenance, so only its shape can be checked.
 
 Only numpy at module level; torch and faiss are imported inside the functions that need them.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
-import json
 import logging
-import zipfile
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vpr_edge.atomic import atomic_file
 from vpr_edge.errors import ArtifactError, ConfigError, InputError
+from vpr_edge.fitted import Vocabulary, vocabulary_details
 from vpr_edge.lazy import lazy_import
-from vpr_edge.manifest import package_versions
 from vpr_edge.presets import Preset
 
 log = logging.getLogger(__name__)
 
-FORMAT = "vpr-edge-{kind}"
-FORMAT_VERSION = 1
 DEFAULT_PER_IMAGE = 1000  # patches sampled per image
 DEFAULT_MAX_PATCHES = 200_000  # reservoir size: 200k x 1536 floats = 1.2 GB for ViT-G
 DEFAULT_NITER = 100  # fast_pytorch_kmeans' max_iter, which AnyLoc used
@@ -45,212 +36,10 @@ def import_faiss():
     return lazy_import("faiss")
 
 
-# ---------------------------------------------------------------------------------------------
-# .npz + JSON meta files (shared with pca.py)
-# ---------------------------------------------------------------------------------------------
-
-
-def kind_cmd(kind: str) -> str:
-    return {"vocabulary": "vocab", "pca": "pca"}.get(kind, kind)
-
-
-def preset_meta(preset: Preset, kind: str) -> dict[str, Any]:
-    """The identification part of a vocabulary/PCA meta: format, preset, space and a readable summary."""
-    return {
-        "format": FORMAT.format(kind=kind),
-        "format_version": FORMAT_VERSION,
-        "kind": kind,
-        "preset": preset.name,
-        "space": preset.space(),
-        "backbone": f"{preset.backbone.family} {preset.backbone.arch}",
-        "layer": preset.facet.layer if preset.facet else None,
-        "facet": preset.facet.facet if preset.facet else None,
-        "image_size": list(preset.preprocess.image_size),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": package_versions("numpy", "faiss-cpu", "torch"),
-    }
-
-
-def save_npz(path: str | Path, arrays: dict[str, np.ndarray], meta: dict[str, Any], kind: str) -> Path:
-    """Write arrays plus `meta` (as the JSON string `meta`) atomically to `path`."""
-    path = Path(path)
-    if path.suffix != ".npz":
-        raise ConfigError(f"{path}: {kind} files are .npz; name the output *.npz")
-    meta = {"format": FORMAT.format(kind=kind), "format_version": FORMAT_VERSION, "kind": kind} | dict(meta)
-    payload = dict(arrays)
-    payload["meta"] = np.array(json.dumps(meta))
-    with atomic_file(path, "wb") as fh:
-        np.savez(fh, **payload)
-    return path
-
-
-def load_npz(path: str | Path, kind: str, arrays: tuple[str, ...]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read a file written by save_npz; check it holds `arrays` and is not another kind of file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path} not found; check the path or create it with `vpr-edge {kind_cmd(kind)} fit`")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise ArtifactError(f"{path} is not a readable .npz file ({exc}); re-create it") from exc
-    missing = [k for k in arrays if k not in data]
-    if missing:
-        raise ArtifactError(f"{path} lacks {missing}; expected a vpr-edge {kind} file, re-create it")
-    meta: dict[str, Any] = {}
-    if "meta" in data:
-        try:
-            meta = json.loads(str(data.pop("meta")))
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"{path}: its `meta` is not valid JSON ({exc}); re-create it") from exc
-        if not isinstance(meta, dict):
-            raise ArtifactError(f"{path}: its `meta` is not a JSON object; re-create it")
-    if meta.get("kind", kind) != kind:
-        raise ArtifactError(f"{path} is a {meta.get('kind')!r} file, expected a {kind!r} file")
-    if int(meta.get("format_version", 0) or 0) > FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path} has format_version {meta.get('format_version')}, this vpr-edge reads <= {FORMAT_VERSION}; upgrade vpr-edge"
-        )
-    return data, meta
-
-
-def array_fingerprint(a: np.ndarray) -> str:
-    """sha256 of the float32 little-endian bytes: identifies content regardless of container."""
-    return hashlib.sha256(np.ascontiguousarray(a, dtype="<f4").tobytes()).hexdigest()
-
-
-def describe_space(space: dict[str, Any] | None) -> str:
-    if not space:
-        return "an unknown backbone/layer/facet"
-    b = space.get("backbone") or {}
-    f = space.get("facet") or {}
-    return f"{b.get('family')} {b.get('arch')} layer {space.get('layer')} facet {f.get('facet')} ({f.get('layout')})"
-
-
-def space_mismatch(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
-    """Which of backbone / layer / facet differ (keys absent on either side are not compared)."""
-    have, want = json.loads(json.dumps(have)), json.loads(json.dumps(want))  # tuples vs lists after a file
-    out = []
-    hb, wb = have.get("backbone") or {}, want.get("backbone") or {}
-    if any(hb[k] != wb[k] for k in hb.keys() & wb.keys() if k != "weights"):
-        out.append("backbone")
-    if have.get("layer") != want.get("layer"):
-        out.append("layer")
-    hf, wf = have.get("facet") or {}, want.get("facet") or {}
-    if (hf.get("facet"), hf.get("layout")) != (wf.get("facet"), wf.get("layout")):
-        out.append("facet")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Vocabulary
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Vocabulary:
-    """VLAD centres [K, D] (float32; AnyLoc convention: raw means of L2-normalised members) + meta.
-
-    `meta["space"]` (a `Preset.space()`) is what loading checks backbone/layer/facet against;
-    a vocabulary without it (an AnyLoc c_centers.pt imported without --model) is checked by shape only.
-    """
-
-    centers: np.ndarray
-    meta: dict[str, Any] = field(default_factory=dict)
-    path: Path | None = None
-
-    def __post_init__(self) -> None:
-        c = np.asarray(self.centers)
-        if c.ndim != 2 or c.shape[0] < 1 or c.shape[1] < 1:
-            raise ArtifactError(f"{self._name()}: centres must be [K, D], got shape {c.shape}")
-        if not np.isfinite(c).all():
-            raise ArtifactError(f"{self._name()}: centres contain NaN/inf; re-fit the vocabulary")
-        self.centers = np.ascontiguousarray(c, dtype=np.float32)
-        self.meta = dict(self.meta)
-
-    def _name(self) -> str:
-        return str(self.path) if self.path else "vocabulary"
-
-    @property
-    def k(self) -> int:
-        return int(self.centers.shape[0])
-
-    @property
-    def dim(self) -> int:
-        return int(self.centers.shape[1])
-
-    @property
-    def fingerprint(self) -> str:
-        return array_fingerprint(self.centers)
-
-    @property
-    def space(self) -> dict[str, Any] | None:
-        return self.meta.get("space")
-
-    # -- creation ---------------------------------------------------------------------------
-    @classmethod
-    def for_preset(cls, centers: np.ndarray, preset: Preset, **details: Any) -> "Vocabulary":
-        """Centres plus meta for `preset` (its clusters are set to centers.shape[0])."""
-        centers = np.asarray(centers, dtype=np.float32)
-        if preset.aggregator.kind == "vlad" and preset.aggregator.clusters != centers.shape[0]:
-            preset = preset.with_overrides(clusters=int(centers.shape[0]))
-        meta = preset_meta(preset, "vocabulary") | {
-            "k": int(centers.shape[0]),
-            "dim": int(centers.shape[1]),
-            "assignment": "hard, cosine (argmax of normalised patch . normalised centre)",
-            "centres": "raw means of L2-normalised members (AnyLoc / fast_pytorch_kmeans cosine)",
-            "intra_norm": True,
-        }
-        return cls(centers, meta | details)
-
-    # -- files ------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        meta = self.meta | {"k": self.k, "dim": self.dim, "fingerprint": self.fingerprint}
-        self.path = save_npz(path, {"centers": self.centers}, meta, "vocabulary")
-        return self.path
-
-    @classmethod
-    def load(cls, path: str | Path, preset: Preset | None = None) -> "Vocabulary":
-        data, meta = load_npz(path, "vocabulary", ("centers",))
-        vocab = cls(data["centers"], meta, Path(path))
-        if preset is not None:
-            vocab.check_for(preset)
-        return vocab
-
-    # -- validation -------------------------------------------------------------------------
-    def check_for(self, preset: Preset) -> None:
-        """Refuse a vocabulary whose shape or backbone/layer/facet do not fit `preset`."""
-        name = self._name()
-        if preset.aggregator.kind != "vlad":
-            raise ConfigError(f"{preset.name} uses {preset.aggregator.kind}, not VLAD; drop --vocabulary {name}")
-        want = (preset.aggregator.clusters, preset.feature_dim)
-        if (self.k, self.dim) != want:
-            raise ArtifactError(
-                f"{name} has {self.k} centres of dim {self.dim}, {preset.name} needs {want[0]} x {want[1]}; "
-                f"fit one with `vpr-edge vocab fit IMAGES --model {preset.name} --output vocab.npz`"
-            )
-        if not self.space:
-            log.info("%s carries no backbone/layer/facet record (AnyLoc c_centers.pt?): only its shape was checked", name)
-            return
-        diffs = space_mismatch(self.space, preset.space())
-        if diffs:
-            raise ArtifactError(
-                f"{name} was made for {describe_space(self.space)}, {preset.name} uses "
-                f"{describe_space(preset.space())} ({', '.join(diffs)} differ); fit a vocabulary for this preset "
-                f"with `vpr-edge vocab fit IMAGES --model {preset.name} --output vocab.npz`"
-            )
-
-    def summary(self) -> dict[str, Any]:
-        skip = {"space", "versions", "format", "format_version", "kind"}
-        out: dict[str, Any] = {"file": str(self.path) if self.path else None, "clusters": self.k, "dim": self.dim}
-        out["made_for"] = describe_space(self.space) if self.space else "unknown (no provenance, e.g. AnyLoc c_centers.pt)"
-        out |= {k: v for k, v in self.meta.items() if k not in skip and k not in out}
-        out["fingerprint"] = self.fingerprint
-        return out
-
-
-def import_anyloc_centers(path: str | Path, preset: Preset | None = None) -> Vocabulary:
+def import_anyloc_centers(path: str | Path, preset: Preset | None = None, weights: str | None = None) -> Vocabulary:
     """AnyLoc's released `c_centers.pt` ([K, D] tensor) -> Vocabulary (meta for `preset` if given, checked)."""
+    from vpr_edge.models.weights import torch_load_refusal
+
     torch = lazy_import("torch")
     path = Path(path)
     if not path.is_file():
@@ -258,7 +47,7 @@ def import_anyloc_centers(path: str | Path, preset: Preset | None = None) -> Voc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types (pickle, zip, runtime) for a bad file
-        raise ArtifactError(f"{path} is not a loadable torch tensor file ({type(exc).__name__}: {exc})") from exc
+        raise ArtifactError(torch_load_refusal(path, exc, "AnyLoc's [K, D] centre tensor")) from None
     if isinstance(obj, dict) and len(obj) == 1:  # tolerate {'c_centers': tensor}
         obj = next(iter(obj.values()))
     if not isinstance(obj, torch.Tensor) or obj.dim() != 2:
@@ -271,23 +60,23 @@ def import_anyloc_centers(path: str | Path, preset: Preset | None = None) -> Voc
         "source_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
     }
     if preset is None:
-        vocab = Vocabulary(centers, details | {"k": int(centers.shape[0]), "dim": int(centers.shape[1])}, path)
+        vocab = Vocabulary(centers, details | vocabulary_details(*centers.shape), path)
     else:
-        vocab = Vocabulary.for_preset(centers, preset, **details)
+        vocab = Vocabulary.for_preset(centers, preset, weights, **details)
         vocab.path = path
-        vocab.check_for(preset)
+        vocab.check_for(preset, weights)
     return vocab
 
 
-def load_vocabulary(path: str | Path, preset: Preset | None = None) -> Vocabulary:
+def load_vocabulary(path: str | Path, preset: Preset | None = None, weights: str | None = None) -> Vocabulary:
     """A `.npz` from `vpr-edge vocab fit/import`, or AnyLoc's `c_centers.pt`; checked against `preset` if given."""
     path = Path(path)
     if path.suffix in (".pt", ".pth"):
         vocab = import_anyloc_centers(path)
         if preset is not None:
-            vocab.check_for(preset)
+            vocab.check_for(preset, weights)
         return vocab
-    return Vocabulary.load(path, preset)
+    return Vocabulary.load(path, preset, weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,6 +151,7 @@ def fit_vocabulary(
     source: str = "vpr-edge vocab fit",
     max_patches: int = DEFAULT_MAX_PATCHES,
     niter: int = DEFAULT_NITER,
+    weights: str | None = None,
     **details: Any,
 ) -> Vocabulary:
     """Streaming cosine k-means over per-image patch features -> Vocabulary.
@@ -377,6 +167,7 @@ def fit_vocabulary(
     L2-normalised members** (norm < 1, not unit vectors). We take faiss's final assignment and
     store those raw means. A cluster the final assignment leaves empty (rare: faiss splits empty
     clusters while training) keeps faiss's unit centroid; `meta["empty_clusters"]` counts them.
+    `weights`: the weights id of the network the features came from (recorded in the space).
     """
     faiss = import_faiss()
     from tqdm import tqdm
@@ -429,5 +220,5 @@ def fit_vocabulary(
         "empty_clusters": int((counts == 0).sum()),
     }
     if preset is not None:
-        return Vocabulary.for_preset(centers, preset, **stats, **details)
-    return Vocabulary(centers, {"k": k, "dim": dim} | stats | details)
+        return Vocabulary.for_preset(centers, preset, weights, **stats, **details)
+    return Vocabulary(centers, vocabulary_details(k, dim) | stats | details)

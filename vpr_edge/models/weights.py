@@ -239,6 +239,41 @@ def hub_checkpoint_path(w: Weights) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / w.file
 
 
+def checkpoint_file(weights: str, spec: Weights | None) -> Path | None:
+    """The file a weights argument names: None for 'random', the hub-cache file for 'auto', else PATH."""
+    if weights == "random":
+        return None
+    if weights == "auto":
+        if spec is None:
+            raise WeightsError("this model has no official checkpoint for --weights auto; use --weights random or a PATH")
+        return hub_checkpoint_path(spec)
+    return Path(weights).expanduser()
+
+
+def weights_id(weights: str, spec: Weights | None, seed: int = 0) -> str:
+    """What identifies the weights a model was built with (`vpr_edge.space`): `random:seed=N`, or the
+    sha256 of the checkpoint file ('auto': the official file in the hub cache, fetched first)."""
+    from vpr_edge.integrity import file_sha256
+    from vpr_edge.space import file_weights_id, random_weights_id
+
+    path = checkpoint_file(weights, spec)
+    if path is None:
+        return random_weights_id(seed)
+    if weights == "auto" and not path.is_file():
+        fetch_state_dict("auto", spec)  # downloads it (or says where to put it)
+    _check_is_file(path)
+    return file_weights_id(file_sha256(path))
+
+
+def _check_is_file(path: Path) -> None:
+    if path.is_dir():
+        raise WeightsError(f"--weights {path} is a folder; pass the checkpoint file inside it (a .pth state dict)")
+    if not path.is_file():
+        raise WeightsError(
+            f"checkpoint {path} not found; pass an existing .pth state dict, 'auto' for the official one, or 'random'"
+        )
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
@@ -259,31 +294,36 @@ def _load_mapped(path: Path):
     return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
+def torch_load_refusal(path: Path, exc: BaseException, expected: str = "a PyTorch state dict") -> str:
+    """One line of ours for a file torch.load(weights_only=True) would not read: never torch's advice to
+    turn weights_only off (a file that needs it can run code)."""
+    msg = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and any(s in msg for s in _REFUSED):
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
+        detail = f"it needs {found.group(1)}" if found else "it holds Python objects"
+        return (
+            f"{path} pickles Python objects beyond tensors ({detail}) and was refused unread: loading it could run "
+            f"code; expected {expected}. If you trust its source, re-save only the tensors there "
+            f"(torch.save(model.state_dict(), path)); otherwise delete it"
+        )
+    why = _first_line(exc)[:120]
+    if "weights_only" in msg or isinstance(exc, pickle.UnpicklingError):
+        why = "not tensor data torch.load(weights_only=True) can read"  # never torch's advice to turn that off
+    return (
+        f"{path} is not a readable PyTorch file ({type(exc).__name__}: {why}); the file is truncated, corrupt or "
+        f"of another kind: expected {expected}; replace it with a good copy"
+    )
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """torch.load(weights_only=True) of a plain state dict, with one-line errors."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsError(
-            f"checkpoint {path} not found; pass an existing .pth state dict, 'auto' for the official one, or 'random'"
-        )
+    _check_is_file(path)
     try:
         obj = _load_mapped(path)
-    except pickle.UnpicklingError as exc:
-        msg = str(exc)
-        if any(s in msg for s in _REFUSED):
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
-            detail = f"it needs {found.group(1)}" if found else _first_line(exc)[:120]
-            raise WeightsError(
-                f"{path} pickles Python objects beyond tensors and is refused by torch.load(weights_only=True) "
-                f"({detail}); fix: from a trusted environment re-save only the state dict, "
-                f"torch.save(model.state_dict(), path)"
-            ) from None
-        raise WeightsError(f"{path} is not a readable PyTorch checkpoint ({_first_line(exc)}); re-download or re-save it") from None
-    except (RuntimeError, EOFError, ValueError, KeyError, OSError, AttributeError, TypeError, IndexError) as exc:
-        raise WeightsError(
-            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)}); "
-            f"the file is truncated or corrupt: delete it and re-download or re-save it"
-        ) from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, OSError, AttributeError,
+            TypeError, IndexError) as exc:
+        raise WeightsError(torch_load_refusal(path, exc)) from None
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path} holds a {type(obj).__name__}, expected a state dict (name -> tensor)")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]

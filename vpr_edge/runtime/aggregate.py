@@ -17,12 +17,12 @@ stand-in for AnyLoc's 1e-12; real norms are orders of magnitude above both).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from vpr_edge import fitted, presets
 from vpr_edge.errors import ArtifactError, ConfigError
 from vpr_edge.presets import Preset
 
@@ -90,34 +90,6 @@ def pca_whiten(descriptors: np.ndarray, mean: np.ndarray, proj: np.ndarray) -> n
     return l2_normalize((d - mean) @ proj.T, axis=-1).astype(np.float32)
 
 
-def load_vocabulary(path: Path) -> tuple[np.ndarray, dict]:
-    """`vocabulary.npz`: centres [K, D] float32 and a JSON `meta` string."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            centers = np.asarray(z["centers"], dtype=np.float32)
-            meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
-    except (OSError, KeyError, ValueError) as exc:
-        raise ArtifactError(
-            f"{path}: not a vocabulary .npz with 'centers' and 'meta' ({exc}); re-export the artifact"
-        ) from None
-    if centers.ndim != 2:
-        raise ArtifactError(f"{path}: centres must be [K, D], got {centers.shape}; re-export the artifact")
-    return centers, meta
-
-
-def load_pca(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """`pca.npz`: mean [D] and proj [d_out, D]."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            mean = np.asarray(z["mean"], dtype=np.float32)
-            proj = np.asarray(z["proj"], dtype=np.float32)
-    except (OSError, KeyError, ValueError) as exc:
-        raise ArtifactError(f"{path}: not a PCA .npz with 'mean' and 'proj' ({exc}); re-export the artifact") from None
-    if proj.ndim != 2 or mean.shape != (proj.shape[1],):
-        raise ArtifactError(f"{path}: expected mean [D] and proj [d_out, D], got {mean.shape} and {proj.shape}")
-    return mean, proj
-
-
 @dataclass
 class Aggregation:
     """Features [B, N, D] -> descriptors [B, dim] as the preset's aggregator says."""
@@ -149,7 +121,7 @@ class Aggregation:
     @classmethod
     def for_preset(cls, preset: Preset, vocabulary: Path | None, pca: Path | None) -> "Aggregation":
         a = preset.aggregator
-        if a.kind not in ("vlad", "gem"):
+        if a.kind not in ("vlad", "gem") or not presets.head(a).runtime:
             raise ArtifactError(
                 f"preset {preset.name} aggregates with {a.kind!r}, which runs inside the graph; "
                 "a backbone-scope artifact only makes sense for VLAD/GeM presets: re-export with scope 'descriptor'"
@@ -160,14 +132,16 @@ class Aggregation:
                 raise ArtifactError(
                     f"preset {preset.name} needs a VLAD vocabulary but the artifact has none; re-export it"
                 )
-            agg.centers, meta = load_vocabulary(vocabulary)
-            agg.intra_norm = bool(meta.get("intra_norm", True))
-            if agg.centers.shape[0] != a.clusters:
+            vocab = fitted.load_vocabulary(vocabulary)
+            agg.centers, agg.intra_norm = vocab.centers, bool(vocab.meta.get("intra_norm", True))
+            if vocab.k != a.clusters or vocab.dim != preset.feature_dim:
                 raise ArtifactError(
-                    f"{vocabulary}: {agg.centers.shape[0]} centres, preset {preset.name} says {a.clusters}; re-export it"
+                    f"{vocabulary}: {vocab.k} x {vocab.dim} centres, preset {preset.name} says {a.clusters} x "
+                    f"{preset.feature_dim}; re-export it"
                 )
         if pca is not None:
-            agg.pca_mean, agg.pca_proj = load_pca(pca)
+            pw = fitted.load_pca(pca)
+            agg.pca_mean, agg.pca_proj = pw.mean, pw.proj
         elif a.pca_dim:
             raise ArtifactError(
                 f"preset {preset.name} has PCA to {a.pca_dim} but the artifact has no pca.npz; re-export it"

@@ -1,5 +1,6 @@
-"""Images -> descriptors with an exported artifact: preprocess (numpy/Pillow), backend (ORT or
-TensorRT), and for backbone-scope artifacts numpy aggregation. No torch anywhere."""
+"""Images -> descriptors with an exported artifact: preprocess (numpy/Pillow), a backend (ONNX Runtime,
+TensorRT, or the PyTorch reference; `runtime.backends`), and for per-patch outputs numpy aggregation.
+No torch unless the PyTorch backend is asked for."""
 
 from __future__ import annotations
 
@@ -9,46 +10,26 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from vpr_edge.artifact import Artifact, load_artifact
+from vpr_edge.batching import run_batched
+from vpr_edge.engines.precision import table
 from vpr_edge.errors import ArtifactError, ConfigError, InputError
+from vpr_edge.imaging import ImageSource, preprocess_image
 from vpr_edge.runtime.aggregate import Aggregation
-from vpr_edge.runtime.artifact import Artifact, load_artifact
-from vpr_edge.runtime.preprocess import ImageSource, preprocess_image
+from vpr_edge.runtime import backends
+from vpr_edge.runtime.backends import BackendOptions, open_backend
 
 STAGES = ("preprocess", "backbone", "aggregation")
-BACKENDS = ("auto", "ort", "trt")
+BACKENDS = backends.names()
 
 
-def open_backend(
-    art: Artifact,
-    backend: str = "auto",
-    providers: Sequence[str] | None = None,
-    threads: int | None = None,
-    cuda_graph: bool = False,
-    device: int = 0,
-    environment: dict | None = None,
-):
-    """The backend object for an artifact: ORT for kind 'onnx', TensorRT for kind 'engine'."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "trt" if art.kind == "engine" else "ort"
-    if backend == "ort":
-        if art.kind != "onnx":
-            raise ConfigError(f"{art.folder} is a {art.kind} artifact; the ORT backend needs an ONNX artifact")
-        from vpr_edge.runtime.ort_backend import OrtBackend
-
-        return OrtBackend(art.file("onnx"), providers=providers, threads=threads, io_dtype=art.io_dtype)
-    if art.kind != "engine":
-        raise ConfigError(
-            f"{art.folder} is an {art.kind} artifact; the TensorRT backend needs an engine: "
-            f"build one with `vpr-edge build-engine {art.folder}`"
-        )
-    from vpr_edge.runtime.engine_compat import check_engine_compatible, current_environment
-    from vpr_edge.runtime.trt_backend import TrtBackend
-
-    env = environment if environment is not None else current_environment(device)
-    check_engine_compatible(art.manifest.details, env, str(art.folder))
-    return TrtBackend(art.file("engine"), device=device, cuda_graph=cuda_graph)
+def check_precision(art: Artifact) -> None:
+    """The artifact's precision and I/O type are ones the precision table knows."""
+    if art.precision not in table.PRECISIONS:
+        raise ArtifactError(f"{art.folder}: details.precision is {art.precision!r}, expected one of {table.names()}")
+    allowed = table.get(art.precision).io_dtypes
+    if art.io_dtype not in allowed:
+        raise ArtifactError(f"{art.folder}: io_dtype {art.io_dtype!r} is not one {art.precision} artifacts declare ({allowed})")
 
 
 class Describer:
@@ -72,6 +53,8 @@ class Describer:
                     f"{artifact.folder}: model input is {hw[0]}x{hw[1]}, the manifest's preset says "
                     f"{self.input_size[0]}x{self.input_size[1]}; re-export the artifact"
                 )
+        if getattr(backend, "output", "descriptor") == "features" and aggregation is None:
+            raise ArtifactError(f"{artifact.folder}: the model outputs per-patch features but no aggregation was given")
         self.timings: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         self.images = 0
         self._checked = False
@@ -84,17 +67,32 @@ class Describer:
         providers: Sequence[str] | None = None,
         threads: int | None = None,
         cuda_graph: bool = False,
-        device: int = 0,
+        device: int | str = 0,
         max_pixels: int | None = None,
+        *,
+        verify: bool = True,
+        options: BackendOptions | None = None,
     ) -> "Describer":
-        art = load_artifact(path)
-        aggregation = None
-        if art.scope == "backbone":
-            aggregation = Aggregation.for_preset(
-                art.preset, art.file("vocabulary", required=False), art.file("pca", required=False)
-            )
-        be = open_backend(art, backend, providers=providers, threads=threads, cuda_graph=cuda_graph, device=device)
-        return cls(art, be, aggregation, max_pixels=max_pixels)
+        """`verify=False` skips the file hashes (sizes are still checked); `options` overrides the
+        individual backend arguments."""
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        art = load_artifact(path, verify=verify)
+        check_precision(art)
+        opts = options or BackendOptions(
+            providers=tuple(providers) if providers else None, threads=threads, cuda_graph=cuda_graph, device=device
+        )
+        be = open_backend(art, backend, opts)
+        try:
+            aggregation = None
+            if be.output == "features":
+                aggregation = Aggregation.for_preset(
+                    art.preset, art.file("vocabulary", required=False), art.file("pca", required=False)
+                )
+            return cls(art, be, aggregation, max_pixels=max_pixels)
+        except BaseException:
+            be.close()
+            raise
 
     # -- stages ---------------------------------------------------------------------------------
     def preprocess(self, item: ImageSource) -> np.ndarray:
@@ -119,36 +117,40 @@ class Describer:
             )
         self._checked = True
 
-    def _run_backend(self, x: np.ndarray) -> np.ndarray:
-        fixed = getattr(self.backend, "batch_size", None)
-        step = fixed or getattr(self.backend, "max_batch", None) or len(x)
-        outs = []
-        for i in range(0, len(x), step):
-            chunk = x[i : i + step]
-            n = len(chunk)
-            if fixed and n < fixed:  # fixed-batch model: pad with zeros, drop the padded rows
-                chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), dtype=chunk.dtype)])
-            outs.append(self.backend.run(chunk)[:n])
-        return np.concatenate(outs) if len(outs) > 1 else outs[0]
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Preprocessed float32 [B, 3, H, W] -> descriptors float32 [B, dim]."""
+    def _check_input(self, x: np.ndarray) -> None:
         if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != self.input_size:
             raise InputError(
                 f"expected preprocessed images [B, 3, {self.input_size[0]}, {self.input_size[1]}], got {x.shape}"
             )
-        if len(x) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
+
+    def run_backend(self, x: np.ndarray, batch: int | None = None) -> np.ndarray:
+        """Preprocessed float32 [B, 3, H, W] -> the backend's raw outputs (descriptors or features), in
+        runs of `batch` images (default: as many as the backend takes)."""
+        self._check_input(x)
         t = time.perf_counter()
-        out = self._run_backend(x)
+        step = batch or getattr(self.backend, "max_batch", None)
+        out = run_batched(self.backend.run, x, batch=step, fixed=getattr(self.backend, "batch_size", None))
         self.timings["backbone"] += time.perf_counter() - t
         self._check_output(out)
-        if self.aggregation is not None:
-            t = time.perf_counter()
-            out = self.aggregation(out)
-            self.timings["aggregation"] += time.perf_counter() - t
-        self.images += len(x)
+        return out
+
+    def aggregate(self, raw: np.ndarray) -> np.ndarray:
+        """Backend outputs -> descriptors (numpy aggregation of per-patch features; descriptors pass)."""
+        if self.aggregation is None:
+            return np.ascontiguousarray(raw, dtype=np.float32)
+        t = time.perf_counter()
+        out = self.aggregation(raw)
+        self.timings["aggregation"] += time.perf_counter() - t
         return np.ascontiguousarray(out, dtype=np.float32)
+
+    def forward(self, x: np.ndarray, batch: int | None = None) -> np.ndarray:
+        """Preprocessed float32 [B, 3, H, W] -> descriptors float32 [B, dim]."""
+        self._check_input(x)
+        if len(x) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = self.aggregate(self.run_backend(x, batch))
+        self.images += len(x)
+        return out
 
     def describe(self, items: Iterable[ImageSource], batch: int = 8, progress: bool = False) -> np.ndarray:
         """Images -> float32 [n, dim]; any unreadable image raises InputError naming it."""

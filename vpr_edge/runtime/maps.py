@@ -1,8 +1,8 @@
 """Maps: a folder of database descriptors + a faiss index, built resumably from images.
 
 Layout of MAP/:
-  manifest.json     kind "map"; preset/space/hashes copied from the building artifact (so
-                    `Manifest.same_space` compares a map with any artifact), details: artifact
+  manifest.json     kind "map"; preset/space/identity copied from the building artifact (so
+                    `space.differences` compares a map with any artifact), details: artifact
                     (path, kind, scope, precision, manifest sha256), index parameters, metadata,
                     chunk_size, complete, count, dim, failed
   chunks/NNNNNN.npy descriptors of one chunk, float32 [n, dim]
@@ -30,14 +30,16 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from vpr_edge.atomic import atomic_file
-from vpr_edge.datasets import list_images, parse_utm
+from vpr_edge.datasets import collect_images, parse_utm
 from vpr_edge.errors import ArtifactError, ConfigError, InputError
-from vpr_edge.manifest import MANIFEST_NAME, Manifest, package_versions, sha256_file
+from vpr_edge.integrity import sha256_file
+from vpr_edge.manifest import MANIFEST_NAME, Manifest, package_versions
+from vpr_edge.space import Identity, require_same
 from vpr_edge.runtime import map_index
 
 log = logging.getLogger(__name__)
@@ -221,29 +223,25 @@ class Map:
         }
 
 
-def _short_diffs(map_man: Manifest, art_man: Manifest, diffs: list[str], limit: int = 4) -> list[str]:
-    """Manifest.same_space's differences, with nested dicts reduced to the keys that differ."""
-    out = []
-    for line in diffs:
-        key = line.split(":", 1)[0]
-        a, b = map_man.space.get(key), art_man.space.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            sub = [
-                f"{key}.{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)
-            ]
-            out.extend(sub[:limit] + ([f"{key}: {len(sub) - limit} more"] if len(sub) > limit else []))
-        else:
-            out.append(line)
-    return out
-
-
 def _space_refusal(map_man: Manifest, art_man: Manifest, map_folder: Path, artifact: str) -> None:
-    diffs = map_man.same_space(art_man)
-    if diffs:
+    """Descriptors of `artifact` may meet the map's exactly when their spaces agree (`space.differences`);
+    the identity (network, precision, engine) does not matter for a query: a student that declares the
+    teacher's space queries the teacher's map."""
+    require_same(
+        art_man.space, map_man.space, have_name=f"artifact {artifact}", want_name=f"map {map_folder}",
+        fix="use an artifact of the map's descriptor space (the one it was built with, or a student of its teacher), "
+        "or rebuild the map with this one",
+    )
+
+
+def _identity_refusal(m: "Map", art_man: Manifest, artifact: str) -> None:
+    """A map holds descriptors of one producer: extending or resuming it with another network, weights,
+    precision or engine would mix descriptors whose errors differ in one index."""
+    have, want = Identity.from_dict(art_man.identity), Identity.from_dict(m.manifest.identity)
+    if have != want:
         raise ArtifactError(
-            f"{artifact} describes images in another space than map {map_folder} "
-            f"({'; '.join(_short_diffs(map_man, art_man, diffs))}); "
-            "use the artifact the map was built with, or rebuild the map with this one"
+            f"map {m.folder} holds descriptors of {want.describe()}; {artifact} is {have.describe()}: a map takes "
+            "descriptors of one artifact identity; extend it with the artifact it was built with, or build a new map"
         )
 
 
@@ -253,7 +251,7 @@ def _map_manifest(art, describer, index: dict, metadata: str | None, chunk_size:
         kind="map",
         preset=am.preset,
         space=am.space,
-        hashes=dict(am.hashes),
+        identity=am.identity,
         versions=package_versions("numpy", "faiss-cpu", "onnxruntime"),
         details={
             "artifact": {
@@ -272,26 +270,6 @@ def _map_manifest(art, describer, index: dict, metadata: str | None, chunk_size:
             "failed": 0,
         },
     )
-
-
-def collect_images(sources: Iterable[str | Path], recursive: bool = False) -> list[Path]:
-    """Files and folders -> absolute image paths, in order, without duplicates."""
-    out: list[Path] = []
-    for s in sources:
-        p = Path(s)
-        if p.is_dir():
-            out.extend(list_images(p, recursive=recursive))
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise InputError(f"{p}: no such image file or folder")
-    seen, unique = set(), []
-    for p in out:
-        key = str(p.resolve())
-        if key not in seen:
-            seen.add(key)
-            unique.append(Path(key))
-    return unique
 
 
 def _encode(
@@ -480,6 +458,7 @@ def _build(out, paths, describer, artifact, batch, index, metadata, chunk_size, 
             )
         else:
             _space_refusal(existing.manifest, art.manifest, out, artifact)
+            _identity_refusal(existing, art.manifest, artifact)
             d = existing.details
             if d.get("index", {}).get("type") != index["type"] or d.get("metadata") != metadata:
                 raise ConfigError(
@@ -542,6 +521,7 @@ def add_to_map(
 
 def _add(m: Map, describer, source, paths, batch: int, progress: bool, on_commit) -> tuple[Map, int]:
     _space_refusal(m.manifest, describer.artifact.manifest, m.folder, str(source))
+    _identity_refusal(m, describer.artifact.manifest, str(source))
     m.details["complete"] = False  # an interrupted add leaves the map visibly unfinished
     m.manifest.save(m.folder)
     n = _encode(

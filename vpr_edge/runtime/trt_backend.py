@@ -22,7 +22,7 @@ import numpy as np
 
 from vpr_edge.errors import ArtifactError, ConfigError
 from vpr_edge.lazy import lazy_import
-from vpr_edge.runtime.cuda_api import open_cuda
+from vpr_edge.engines.tensorrt.cuda_api import open_cuda
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,18 @@ class _Slot:
 
 class TrtBackend:
     """Runs a serialized engine: images [B, 3, H, W] -> its (first) output, as float32."""
+
+    name = "trt"
+    kinds = ("engine",)
+
+    @classmethod
+    def for_artifact(cls, art: Any, options) -> "TrtBackend":
+        """The engine of an engine artifact, after refusing one built for another TensorRT or GPU."""
+        from vpr_edge.engines.tensorrt.environment import check_engine_compatible, current_environment
+
+        env = options.environment if options.environment is not None else current_environment(int(options.device))
+        check_engine_compatible(art.manifest.details, env, str(art.folder))
+        return cls(art.file("engine"), device=int(options.device), cuda_graph=options.cuda_graph)
 
     def __init__(
         self,
@@ -111,6 +123,7 @@ class TrtBackend:
                 f"{self.path}: expected one input and at least one output, got inputs {inputs}, outputs {outputs}"
             )
         self.input_name, self.output_name = inputs[0], outputs[0]
+        self.output = "features" if self.output_name == "features" else "descriptor"
         self.io_names = names
         self._dtypes = {}
         for n in names:

@@ -4,7 +4,7 @@ logging.basicConfig(level=logging.INFO, format="%(message)s")
 from variants import build
 from probe import fidelity, FP32, latency
 from vpr_edge.engines import graph as G
-from vpr_edge.engines.fallback import fallback_search
+from vpr_edge.engines.precision.fallback import fallback_search
 target = float(sys.argv[1])
 m = G.load(FP32, load_weights=False)
 blocks = G.nodes_by_block(m)

@@ -5,7 +5,7 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, "/work/main")
-from vpr_edge.engines import calibration as C
+from vpr_edge.engines.precision import calibration as C
 from vpr_edge.presets import get
 
 W = Path("/tmp/i8")

@@ -1,9 +1,9 @@
 """ViT-S/14 INT8 on this AVX2 CPU: signed (S8S8, what TensorRT takes) vs unsigned asymmetric (U8S8) activations."""
 import subprocess, sys, time, numpy as np
 import onnxruntime.quantization as q
-from vpr_edge.engines import int8 as I
-from vpr_edge.engines.calibration import calibration_images, batches
-from vpr_edge.engines.ortrun import cpu_session, run_onnx
+from vpr_edge.engines.precision import int8 as I
+from vpr_edge.engines.precision.calibration import calibration_images, batches
+from vpr_edge.onnxrt import session as cpu_session, run_onnx
 from vpr_edge import presets
 art = "/work/runs/u8/fp32"
 subprocess.run([sys.executable, "-m", "vpr_edge.cli.main", "export", "--model", "anyloc-dinov2-vits14", "--weights", "random",

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnxruntime import quantization as q
 from probe import images, FP32, W, latency, profile, fidelity
-from vpr_edge.engines.int8 import default_exclusions, _reader_class, _quiet_ort
+from vpr_edge.engines.precision.int8 import default_exclusions, _reader_class, _quiet_ort
 from vpr_edge.engines import graph as G
 
 

@@ -12,7 +12,7 @@ def wrap(mod, name):
         print(f"< {name} {rss()} {time.time()-t:.0f}s")
         return r
     setattr(mod, name, g)
-from vpr_edge.engines import int8 as I, minmax as M, rewrites as R, graph as G
+from vpr_edge.engines.precision import int8 as I, minmax as M, rewrites as R, graph as G
 import onnxruntime as ort, onnxruntime.quantization as q
 wrap(R, "tidy_for_ort"); wrap(G, "load"); wrap(G, "save"); wrap(M, "minmax_ranges"); wrap(M, "tensors_to_calibrate"); wrap(q, "quantize_static")
 orig_sess = ort.InferenceSession

@@ -1,8 +1,8 @@
 import sys, numpy as np
 from pathlib import Path
 import onnxruntime as ort
-from vpr_edge.engines import minmax as M
-from vpr_edge.engines.int8 import QUANTIZED_OPS
+from vpr_edge.engines.precision import minmax as M
+from vpr_edge.engines.precision.int8 import QUANTIZED_OPS
 def rss():
     d = dict(l.split(":", 1) for l in open("/proc/self/status"))
     return f"rss {int(d['VmRSS'].split()[0])/2**20:.2f} GiB hwm {int(d['VmHWM'].split()[0])/2**20:.2f} GiB"

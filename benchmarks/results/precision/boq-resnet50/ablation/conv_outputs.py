@@ -1,9 +1,9 @@
 """Does quantising Conv outputs (QLinearConv in ORT) speed up BoQ-ResNet50 INT8 on this CPU?"""
 import time, sys, numpy as np
 import onnxruntime.quantization as q
-from vpr_edge.engines import int8 as I
-from vpr_edge.engines.calibration import calibration_images, batches
-from vpr_edge.engines.ortrun import cpu_session, run_onnx
+from vpr_edge.engines.precision import int8 as I
+from vpr_edge.engines.precision.calibration import calibration_images, batches
+from vpr_edge.onnxrt import session as cpu_session, run_onnx
 from vpr_edge import presets
 src = "/work/runs/boq-r50-fp32/model.onnx"
 pre = presets.get("boq-resnet50").preprocess

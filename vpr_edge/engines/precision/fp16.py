@@ -1,0 +1,544 @@
+"""FP16 in the graph: `Fp16FromOnnx`, with FP32 islands and overflow detection.
+
+Library choice: onnxconverter-common's `float16.convert_float_to_float16`, not ModelOpt AutoCast.
+It is pure Python, already in the `export` extra, runs with the CPU `onnxruntime` package (ModelOpt's
+ONNX extra pulls `onnxruntime-gpu` and CUDA-oriented dependencies, which would break the CPU
+install), and takes an explicit node block list, which is all we need because the islands are
+decided here (`islands.py`, overflow scan, fallback search). Its known rough edges are handled
+around the call, not by patching it:
+
+- a `Cast(to=FLOAT)` outside the block list keeps casting to FP32 while its output is declared FP16:
+  such casts are retargeted to FP16 before conversion;
+- an FP32 initializer shared by a kept and a converted node (the exporter deduplicates identical
+  tensors across blocks) would feed FP32 into an FP16 node: shared float initializers are
+  duplicated per side before conversion;
+- `Cast16 -> Cast32` pairs between two kept nodes are only removed when the producer has a single
+  consumer, so an island boundary could round-trip values through FP16: every such pair is
+  rewired to the FP32 original afterwards;
+- the result is checked: ONNX strict type inference, then every island node's float inputs and
+  outputs must be FP32 (`check_fp32_islands`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from vpr_edge.engines import graph as G
+from vpr_edge.engines.precision.islands import default_fp32_islands
+from vpr_edge.errors import ArtifactError, ConfigError
+from vpr_edge.lazy import lazy_import
+
+log = logging.getLogger(__name__)
+
+FP16_MAX = 65504.0
+OVERFLOW_FRACTION = 0.5  # flag values above half the FP16 range: one more add or square overflows
+_IO_DTYPES = {"float32": G.FLOAT, "float16": G.FLOAT16}
+
+
+@dataclass
+class Fp16Report:
+    kept: dict[str, str]  # node name -> why it stays FP32
+    converted: int  # float compute nodes now in FP16
+    casts: int  # Cast nodes in the result
+    input_dtype: str
+    output_dtype: str
+    library: str
+    overflow: dict[str, dict[str, float]] = field(default_factory=dict)  # tensor -> stats (when scanned)
+
+    def to_dict(self) -> dict[str, Any]:
+        reasons: dict[str, int] = {}
+        for why in self.kept.values():
+            reasons[why] = reasons.get(why, 0) + 1
+        return {
+            "library": self.library,
+            "input_dtype": self.input_dtype,
+            "output_dtype": self.output_dtype,
+            "fp32_nodes": len(self.kept),
+            "fp32_reasons": reasons,
+            "fp32_node_names": sorted(self.kept),
+            "fp16_nodes": self.converted,
+            "casts": self.casts,
+            "overflow_tensors": self.overflow,
+        }
+
+
+def _io_dtypes(io_dtype: str | tuple[str, str]) -> tuple[str, str]:
+    pair = (io_dtype, io_dtype) if isinstance(io_dtype, str) else tuple(io_dtype)
+    if len(pair) != 2 or any(d not in _IO_DTYPES for d in pair):
+        raise ConfigError(f"io_dtype must be 'float32', 'float16' or an (input, output) pair of them; got {io_dtype!r}")
+    return pair[0], pair[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixes around onnxconverter-common
+# ---------------------------------------------------------------------------------------------
+
+
+def _retarget_float_casts(model, keep: set[str]) -> None:
+    for node in model.graph.node:
+        if node.op_type == "Cast" and node.name not in keep:
+            for a in node.attribute:
+                if a.name == "to" and a.i == G.FLOAT:
+                    a.i = G.FLOAT16
+
+
+def _split_shared_initializers(model, keep: set[str]) -> int:
+    """Give kept nodes their own copy of float initializers they share with converted nodes."""
+    g = model.graph
+    float_inits = {i.name: i for i in g.initializer if i.data_type == G.FLOAT}
+    users: dict[str, set[bool]] = {}
+    for node in g.node:
+        for t in node.input:
+            if t in float_inits:
+                users.setdefault(t, set()).add(node.name in keep)
+    copies = 0
+    for name, sides in users.items():
+        if len(sides) < 2:
+            continue
+        copy = g.initializer.add()
+        copy.CopyFrom(float_inits[name])
+        copy.name = f"{name}__fp32"
+        for node in g.node:
+            if node.name in keep:
+                for i, t in enumerate(node.input):
+                    if t == name:
+                        node.input[i] = copy.name
+        copies += 1
+    return copies
+
+
+def _ensure_value_info(model):
+    """onnxconverter-common decides casts from value_info: every computed float tensor needs one, and
+    initializers must have none (the exporter writes some; the converter would retype them to FP16 and
+    cast kept nodes' FP32 weights through FP16)."""
+    produced = {t for n in model.graph.node for t in n.output if t}
+    known = {v.name for v in model.graph.value_info} | {o.name for o in model.graph.output}
+    if not produced <= known:
+        model = G.with_shapes(model)
+    inits = {i.name for i in model.graph.initializer}
+    for v in [v for v in model.graph.value_info if v.name in inits]:
+        model.graph.value_info.remove(v)
+    return model
+
+
+def _fuse_cast_roundtrips(model) -> int:
+    """x(fp32) -> Cast16 -> Cast32 -> y  becomes  x -> y for every consumer; unused casts are dropped."""
+    g = model.graph
+    idx = G.GraphIndex.of(model)
+    types = G.tensor_types(model)
+
+    def cast_to(node) -> int | None:
+        if node.op_type != "Cast":
+            return None
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    rewired = 0
+    for node in list(g.node):
+        if cast_to(node) != G.FLOAT:
+            continue
+        src = idx.producer.get(node.input[0])
+        if src is None or cast_to(idx.nodes[src]) != G.FLOAT16:
+            continue
+        original = idx.nodes[src].input[0]
+        if types.get(original) != G.FLOAT:
+            continue
+        out = node.output[0]
+        if out in idx.graph_outputs:
+            continue
+        for consumer in idx.consumers.get(out, ()):
+            c = idx.nodes[consumer]
+            for i, t in enumerate(c.input):
+                if t == out:
+                    c.input[i] = original
+                    rewired += 1
+    _drop_dead_nodes(model, only_ops={"Cast"})
+    return rewired
+
+
+def _drop_dead_nodes(model, only_ops: set[str]) -> None:
+    g = model.graph
+    while True:
+        used = {t for n in g.node for t in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if n.op_type in only_ops and not any(o in used for o in n.output)]
+        if not dead:
+            return
+        for n in dead:
+            g.node.remove(n)
+
+
+def _cast_output(model, idx, src, name: str, suffix: str, to: int, cast_name: str) -> None:
+    """Rename graph output `name` inside the graph to name+suffix and re-create it through a Cast(to)."""
+    helper = lazy_import("onnx").helper
+    inner = f"{name}{suffix}"
+    for i, t in enumerate(src.output):
+        if t == name:
+            src.output[i] = inner
+    for cname in idx.consumers.get(name, []):
+        c = idx.nodes[cname]
+        for i, t in enumerate(c.input):
+            if t == name:
+                c.input[i] = inner
+    model.graph.node.append(helper.make_node("Cast", [inner], [name], to=to, name=cast_name))
+
+
+def _restore_fp32_outputs(model) -> None:
+    """When the node producing a graph output is kept in FP32, the converter casts its output to FP16
+    and retypes the graph output itself (its keep_io_types then sees no FP32 output to protect).
+    Undo that: the output stays FP32, exactly as the kept node computed it."""
+    idx = G.GraphIndex.of(model)
+    types = G.tensor_types(model)
+    for out in model.graph.output:
+        if out.type.tensor_type.elem_type != G.FLOAT16:
+            continue
+        src = idx.nodes.get(idx.producer.get(out.name, ""))
+        to = next((a for a in src.attribute if a.name == "to"), None) if src is not None and src.op_type == "Cast" else None
+        if to is not None and types.get(src.input[0]) == G.FLOAT:
+            to.i = G.FLOAT  # the converter's Cast16 of an FP32 value becomes a no-op cast
+        else:
+            _cast_output(model, idx, src, out.name, "__fp16", G.FLOAT, f"cast32_{out.name}")
+        out.type.tensor_type.elem_type = G.FLOAT
+
+
+def _set_io_dtypes(model, input_dtype: str, output_dtype: str) -> None:
+    """The converter ran with FP32 I/O; switch the graph's float inputs/outputs to FP16 where asked."""
+    helper = lazy_import("onnx").helper
+    g = model.graph
+    if input_dtype == "float16":
+        for inp in g.input:
+            if inp.type.tensor_type.elem_type != G.FLOAT:
+                continue
+            inp.type.tensor_type.elem_type = G.FLOAT16
+            idx = G.GraphIndex.of(model)
+            for cname in idx.consumers.get(inp.name, []):
+                c = idx.nodes[cname]
+                cast_16 = c.op_type == "Cast" and any(a.name == "to" and a.i == G.FLOAT16 for a in c.attribute)
+                if cast_16:  # the converter's input cast is now a no-op: bypass it
+                    for other in idx.consumers.get(c.output[0], []):
+                        o = idx.nodes[other]
+                        for i, t in enumerate(o.input):
+                            if t == c.output[0]:
+                                o.input[i] = inp.name
+                else:  # an FP32 consumer of the input: give it an FP32 copy
+                    new = f"{inp.name}__fp32_for_{cname}"
+                    g.node.insert(0, helper.make_node("Cast", [inp.name], [new], to=G.FLOAT, name=f"cast32_{new}"))
+                    for i, t in enumerate(c.input):
+                        if t == inp.name:
+                            c.input[i] = new
+        _drop_dead_nodes(model, only_ops={"Cast"})
+    if output_dtype == "float16":
+        for out in g.output:
+            if out.type.tensor_type.elem_type != G.FLOAT:
+                continue
+            idx = G.GraphIndex.of(model)
+            src = idx.nodes[idx.producer[out.name]]
+            _cast_output(model, idx, src, out.name, "__fp32", G.FLOAT16, f"cast16_{out.name}")
+            out.type.tensor_type.elem_type = G.FLOAT16
+    if input_dtype == "float16" or output_dtype == "float16":
+        _topological_sort(model)
+
+
+def _topological_sort(model) -> None:
+    g = model.graph
+    available = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
+    pending = list(g.node)
+    ordered = []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(t in available for t in n.input):
+                ordered.append(n)
+                available.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ArtifactError("FP16 graph has a cycle or a dangling input after I/O retyping; report this as a bug")
+        pending = rest
+    copies = [type(n)() for n in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del g.node[:]
+    g.node.extend(copies)
+
+
+def check_fp32_islands(model, names: Iterable[str]) -> list[str]:
+    """Violations: island nodes whose float inputs/outputs are not FP32 (empty list = all FP32)."""
+    typed = G.with_shapes(model)
+    types = G.tensor_types(typed)
+    nodes = {n.name: n for n in typed.graph.node}
+    bad = []
+    for name in names:
+        node = nodes.get(name)
+        if node is None:
+            bad.append(f"{name}: missing from the graph")
+            continue
+        for t in [*node.input, *node.output]:
+            if t and types.get(t) in (G.FLOAT16, 16):
+                bad.append(f"{name} ({node.op_type}): tensor {t} is FP16")
+    return bad
+
+
+# ---------------------------------------------------------------------------------------------
+# Public steps
+# ---------------------------------------------------------------------------------------------
+
+
+def fp16_from_onnx(
+    src_onnx: str | Path,
+    dst_onnx: str | Path,
+    *,
+    keep_fp32: Iterable[str] | Mapping[str, str] = (),
+    io_dtype: str | tuple[str, str] = "float32",
+    default_islands: bool = True,
+    keep_head: bool = True,
+) -> Fp16Report:
+    """Write an FP16 copy of `src_onnx` to `dst_onnx`, keeping FP32 islands.
+
+    keep_fp32: extra node names (or name -> reason) kept in FP32, e.g. from `find_fp16_overflow`
+    or the fallback search. io_dtype: 'float32' (default; casts inside the graph), 'float16', or
+    an (input, output) pair."""
+    f16 = lazy_import("onnxconverter_common.float16")
+    onnx = lazy_import("onnx")
+    in_dt, out_dt = _io_dtypes(io_dtype)
+    model = G.load(src_onnx)
+    if any(i.data_type == G.FLOAT16 for i in model.graph.initializer):
+        raise ArtifactError(f"{src_onnx} already holds FP16 weights; convert the FP32 export instead")
+    G.GraphIndex.of(model)  # names unnamed nodes, which block lists need
+    kept: dict[str, str] = default_fp32_islands(model, keep_head=keep_head) if default_islands else {}
+    extra = dict(keep_fp32) if isinstance(keep_fp32, Mapping) else {n: "requested" for n in keep_fp32}
+    names = {n.name for n in model.graph.node}
+    unknown = sorted(set(extra) - names)
+    if unknown:
+        raise ConfigError(f"keep_fp32 names nodes not in {src_onnx}: {unknown[:5]}; use names from the FP32 graph")
+    for n, why in extra.items():
+        kept.setdefault(n, why)
+    for node in model.graph.node:
+        if node.op_type in f16.DEFAULT_OP_BLOCK_LIST:
+            kept.setdefault(node.name, f"{node.op_type}: no FP16 kernel (onnxconverter-common block list)")
+    keep = set(kept)
+
+    _retarget_float_casts(model, keep)
+    _split_shared_initializers(model, keep)
+    model = _ensure_value_info(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # per-tensor "truncated to 1e-07" warnings; clipping is expected
+        model = f16.convert_float_to_float16(
+            model,
+            keep_io_types=True,
+            node_block_list=sorted(keep),
+            op_block_list=list(f16.DEFAULT_OP_BLOCK_LIST),
+            max_finite_val=FP16_MAX,
+            disable_shape_infer=True,
+            check_fp16_ready=False,  # our retargeted casts look like FP16 to it; FP16 weights are refused above
+        )
+    _restore_fp32_outputs(model)
+    _fuse_cast_roundtrips(model)
+    _set_io_dtypes(model, in_dt, out_dt)
+    if not G.over_size(model, G.TWO_GB):
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except Exception as exc:  # onnx raises ValidationError / InferenceError
+            raise ArtifactError(f"FP16 conversion of {src_onnx} produced an invalid graph: {exc}") from exc
+    bad = check_fp32_islands(model, keep)
+    if bad:
+        raise ArtifactError(f"FP16 conversion of {src_onnx} left FP32 islands partly in FP16: {bad[:3]}")
+    G.save(model, dst_onnx)
+    casts = sum(1 for n in model.graph.node if n.op_type == "Cast")
+    converted = sum(1 for n in model.graph.node if n.name not in keep and n.op_type not in ("Cast", "Shape", "Constant"))
+    return Fp16Report(
+        kept=kept,
+        converted=converted,
+        casts=casts,
+        input_dtype=in_dt,
+        output_dtype=out_dt,
+        library=f"onnxconverter-common {_version('onnxconverter-common')}",
+    )
+
+
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+# ---------------------------------------------------------------------------------------------
+# Overflow scan
+# ---------------------------------------------------------------------------------------------
+
+
+def _tensor_bytes_per_item(model) -> dict[str, int]:
+    """Bytes of each float tensor per batch item, from inferred shapes (symbolic dims count as 1)."""
+    out = {}
+    for vi in model.graph.value_info:
+        dims = vi.type.tensor_type.shape.dim
+        n = 1
+        for d in dims[1:] if dims else ():
+            n *= d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
+        out[vi.name] = 4 * n
+    return out
+
+
+def fp16_overflow_scan(
+    fp32_onnx: str | Path,
+    inputs: Iterable[np.ndarray],
+    *,
+    keep_fp32: Iterable[str] | None = None,
+    threshold: float = OVERFLOW_FRACTION * FP16_MAX,
+    max_outputs_per_run: int | None = None,
+    memory_budget: int = 1 << 30,
+) -> dict[str, dict[str, Any]]:
+    """Run the FP32 graph with intermediate tensors exposed; return the tensors that would be FP16
+    and exceed `threshold` or are non-finite: tensor -> {producer, consumers, max_abs, nonfinite}.
+
+    keep_fp32: nodes that stay FP32 anyway (default: the default islands); a tensor produced and
+    consumed only by them is never FP16 and is not flagged. max_outputs_per_run bounds memory on
+    big graphs by exposing that many tensors per pass (the inputs are re-run per pass)."""
+    ort = lazy_import("onnxruntime")
+    onnx = lazy_import("onnx")
+    external = G.external_data_files(fp32_onnx)
+    model = G.load(fp32_onnx, load_weights=not external)
+    idx = G.GraphIndex.of(model)
+    keep = set(default_fp32_islands(model)) if keep_fp32 is None else set(keep_fp32)
+    types = G.tensor_types(G.with_shapes(model))
+    candidates = []
+    for name, node in idx.nodes.items():
+        for t in node.output:
+            if not t or types.get(t) != G.FLOAT:
+                continue
+            consumers = idx.consumers.get(t, [])
+            if name in keep and all(c in keep for c in consumers):
+                continue
+            candidates.append(t)
+    batches = [np.ascontiguousarray(b, dtype=np.float32) for b in inputs]
+    if not batches:
+        raise ConfigError("fp16 overflow scan needs at least one input batch")
+    stats: dict[str, dict[str, Any]] = {}
+    input_name = model.graph.input[0].name
+    existing = {o.name for o in model.graph.output}
+    if max_outputs_per_run:
+        chunks = [candidates[i : i + max_outputs_per_run] for i in range(0, len(candidates), max_outputs_per_run)]
+    else:
+        # every exposed tensor stays alive until the run ends: a full-size ViT exposes ~2 GB per image,
+        # so group tensors into passes of at most `memory_budget` bytes for the largest batch
+        per_item = _tensor_bytes_per_item(G.with_shapes(model))
+        rows = max(int(b.shape[0]) for b in batches)
+        chunks, cur, size = [], [], 0
+        for t in candidates:
+            b = per_item.get(t, 16 << 20) * rows  # unknown shape: assume a large tensor
+            if cur and size + b > memory_budget:
+                chunks.append(cur)
+                cur, size = [], 0
+            cur.append(t)
+            size += b
+        if cur:
+            chunks.append(cur)
+    for chunk in chunks:
+        chunk = [t for t in chunk if t not in existing]
+        probe = type(model)()
+        probe.CopyFrom(model)
+        for t in chunk:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(t, G.FLOAT, None))
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # see the graph as written
+        opts.log_severity_level = 3
+        sess = _session(probe, Path(fp32_onnx), external, opts)
+        names = [o.name for o in sess.get_outputs()]
+        for batch in batches:
+            values = sess.run(names, {input_name: batch})
+            for t, v in zip(names, values):
+                if t not in candidates or v.dtype != np.float32 or v.size == 0:
+                    continue
+                finite = np.isfinite(v)
+                s = stats.setdefault(t, {"max_abs": 0.0, "nonfinite": 0})
+                s["nonfinite"] += int(v.size - finite.sum())
+                if finite.any():
+                    s["max_abs"] = max(s["max_abs"], float(np.abs(v[finite]).max()))
+            del values
+    flagged = {}
+    for t, s in stats.items():
+        if s["nonfinite"] or s["max_abs"] > threshold:
+            flagged[t] = {**s, "producer": idx.producer.get(t), "consumers": list(idx.consumers.get(t, []))}
+    return flagged
+
+
+def find_fp16_overflow(fp32_onnx: str | Path, inputs: Iterable[np.ndarray], **kwargs: Any) -> set[str]:
+    """Nodes to keep in FP32 so no flagged tensor passes through FP16: producers and consumers.
+
+    Keeping only the producer would not help: its FP32 output is cast to FP16 for the next node,
+    and the cast overflows."""
+    nodes: set[str] = set()
+    for info in fp16_overflow_scan(fp32_onnx, inputs, **kwargs).values():
+        if info["producer"]:
+            nodes.add(info["producer"])
+        nodes.update(info["consumers"])
+    return nodes
+
+
+
+def _session(model, src: Path, external: list[Path], opts):
+    """ORT session of an in-memory graph; with external weights the graph is written beside them
+    for the time of loading (ORT refuses weight paths outside the model's folder)."""
+    ort = lazy_import("onnxruntime")
+    if not external:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    fd, tmp = tempfile.mkstemp(prefix=f".{src.stem}.probe.", suffix=".onnx", dir=src.parent)
+    os.close(fd)
+    try:
+        G.onnx_module().save_model(model, tmp)
+        return ort.InferenceSession(tmp, opts, providers=["CPUExecutionProvider"])
+    finally:
+        os.unlink(tmp)
+
+
+class Fp16Lowering:
+    """The `fp16` record's lowering (`table.PRECISIONS`): overflow scan, then FP16 graphs keeping the
+    default islands, the flagged nodes and whatever the fallback search asks for in FP32."""
+
+    emulated = True  # ORT's CPU provider computes FP16 chains in FP32: verify an emulation graph too
+    candidate_ops: tuple[str, ...] | None = None  # fallback refinement may keep any node
+
+    def __init__(self, fp32_onnx: Path, verify, *, io_dtype="float32", overflow_guard: bool = True,
+                 calibration: np.ndarray | None = None, **_: Any):
+        self.src = Path(fp32_onnx)
+        self.verify = verify
+        self.io_dtype = io_dtype
+        self.overflow_guard = overflow_guard
+        self.probe = verify.images if calibration is None else np.concatenate([verify.images, calibration])
+        self.overflow: dict[str, str] = {}
+        self.details: dict[str, Any] = {}
+        self.warnings: list[str] = []
+        self.kept: set[str] = set()
+
+    def prepare(self, fixed_batch: int | None) -> None:
+        from vpr_edge.batching import chunks, pad_to
+
+        if not self.overflow_guard:
+            return
+        # one image per run: every intermediate tensor is exposed (bounded per pass by the scan)
+        size = fixed_batch or 1
+        batches = [pad_to(self.probe[s], size) for s in chunks(len(self.probe), size)]
+        flagged = fp16_overflow_scan(self.src, batches)
+        for t, info in flagged.items():
+            for n in [info["producer"], *info["consumers"]]:
+                if n:
+                    self.overflow[n] = f"FP16 overflow guard: {t} reaches {info['max_abs']:.3g} (non-finite {info['nonfinite']})"
+        self.details["fp16_overflow"] = {t: {k: v for k, v in i.items() if k != "consumers"} for t, i in flagged.items()}
+
+    def build(self, keep: frozenset[str], dst: Path) -> None:
+        rep = fp16_from_onnx(self.src, dst, keep_fp32={**self.overflow, **{n: "fallback search" for n in keep}},
+                             io_dtype=self.io_dtype)
+        self.kept = set(rep.kept)
+        self.details["fp16"] = rep.to_dict()
+
+    def final_details(self, model) -> dict[str, Any]:
+        return {**self.details, "default_islands": len(default_fp32_islands(model))}
