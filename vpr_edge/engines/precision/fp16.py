@@ -22,8 +22,6 @@ around the call, not by patching it:
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -403,7 +401,8 @@ def fp16_overflow_scan(
     keep_fp32: nodes that stay FP32 anyway (default: the default islands); a tensor produced and
     consumed only by them is never FP16 and is not flagged. max_outputs_per_run bounds memory on
     big graphs by exposing that many tensors per pass (the inputs are re-run per pass)."""
-    ort = lazy_import("onnxruntime")
+    from vpr_edge.onnxrt import session
+
     onnx = lazy_import("onnx")
     external = G.external_data_files(fp32_onnx)
     model = G.load(fp32_onnx, load_weights=not external)
@@ -448,10 +447,8 @@ def fp16_overflow_scan(
         probe.CopyFrom(model)
         for t in chunk:
             probe.graph.output.append(onnx.helper.make_tensor_value_info(t, G.FLOAT, None))
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # see the graph as written
-        opts.log_severity_level = 3
-        sess = _session(probe, Path(fp32_onnx), external, opts)
+        # the graph as written (no fusions), so every exposed tensor is the one we named
+        sess = session(probe, optimize=False, prepack=False, weights_dir=Path(fp32_onnx).parent if external else None)
         names = [o.name for o in sess.get_outputs()]
         for batch in batches:
             values = sess.run(names, {input_name: batch})
@@ -482,22 +479,6 @@ def find_fp16_overflow(fp32_onnx: str | Path, inputs: Iterable[np.ndarray], **kw
             nodes.add(info["producer"])
         nodes.update(info["consumers"])
     return nodes
-
-
-
-def _session(model, src: Path, external: list[Path], opts):
-    """ORT session of an in-memory graph; with external weights the graph is written beside them
-    for the time of loading (ORT refuses weight paths outside the model's folder)."""
-    ort = lazy_import("onnxruntime")
-    if not external:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    fd, tmp = tempfile.mkstemp(prefix=f".{src.stem}.probe.", suffix=".onnx", dir=src.parent)
-    os.close(fd)
-    try:
-        G.onnx_module().save_model(model, tmp)
-        return ort.InferenceSession(tmp, opts, providers=["CPUExecutionProvider"])
-    finally:
-        os.unlink(tmp)
 
 
 class Fp16Lowering:
