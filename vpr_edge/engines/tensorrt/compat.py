@@ -73,6 +73,7 @@ from vpr_edge.errors import ArtifactError, ConfigError
 VALUE_READ_LIMIT = 1 << 20  # bytes: larger tensors are never read (weights)
 SKELETON_KEEP = 1 << 16  # inline tensors up to this size stay in the inference copy (shape constants)
 MAX_VOLUME = 2**31 - 1
+PROTOBUF_LIMIT = G.TWO_GB  # one protobuf file; TensorRT's parser reads the .onnx through protobuf
 SEVERITIES = ("error", "warning")
 RULES = ("model-size", "opset", "operator", "operator-limit", "type", "strong-typing", "qdq", "shape",
          "external-data")
@@ -1012,6 +1013,8 @@ def _check_shapes(ctx: _Ctx, sizes: tuple[int, ...], sink: _Sink) -> list[list[i
     for inp in inputs:
         dims = ctx.shapes.get(inp.name)
         where = f"input:{inp.name}"
+        readers = ctx.idx.consumers.get(inp.name, [])
+        read_by = f" (read by {', '.join(readers[:3])}{', ...' if len(readers) > 3 else ''})" if readers else ""
         if not dims:
             sink.add("shape", where, "", "no shape (rank unknown or 0): TensorRT needs a rank and static non-batch "
                      "dims for every input")
@@ -1019,14 +1022,14 @@ def _check_shapes(ctx: _Ctx, sizes: tuple[int, ...], sink: _Sink) -> list[list[i
         if isinstance(dims[0], int):
             static_batch.add(dims[0])
             if any(b != dims[0] for b in sizes):
-                sink.add("shape", where, "", f"the batch is fixed to {dims[0]} in the graph but batch sizes "
+                sink.add("shape", where, "", f"the batch is fixed to {dims[0]} in the graph{read_by} but batch sizes "
                          f"{list(sizes)} were asked for: re-export with --batch dynamic (or ask for {dims[0]})")
         else:
             batch_symbols.add(dims[0])
         for k, d in enumerate(dims[1:], start=1):
             if not isinstance(d, int) or d <= 0:
-                sink.add("shape", where, "", f"dim {k} is dynamic ({d or '?'}): only the batch axis may be dynamic "
-                         "(the engine takes one optimisation profile over the batch); re-export with a fixed "
+                sink.add("shape", where, "", f"dim {k} is dynamic ({d or '?'}){read_by}: only the batch axis may be "
+                         "dynamic (the engine takes one optimisation profile over the batch); re-export with a fixed "
                          "image size")
         if not isinstance(dims[0], int) and all(isinstance(d, int) and d > 0 for d in dims[1:]):
             lo, hi = min(sizes), max(sizes)
@@ -1082,10 +1085,10 @@ def _check_shapes(ctx: _Ctx, sizes: tuple[int, ...], sink: _Sink) -> list[list[i
 
 def _check_size(model, file_bytes: int | None, sink: _Sink, checks: dict[str, str]) -> None:
     if file_bytes is not None:
-        too_big = file_bytes > G.TWO_GB
+        too_big = file_bytes > PROTOBUF_LIMIT
         size = file_bytes
     else:
-        too_big = G.over_size(model, G.TWO_GB)
+        too_big = G.over_size(model, PROTOBUF_LIMIT)
         size = None if too_big else model.ByteSize()
     if too_big:
         sink.add("model-size", "model", "", f"the ONNX protobuf is {size or 'over 2^31'} bytes: protobuf (and so "

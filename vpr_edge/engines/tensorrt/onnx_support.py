@@ -431,7 +431,11 @@ DATA_INPUTS: dict[str, tuple[int, ...] | str] = {
     "PRelu": (0, 1),
     "Pad": (0, 2),
     "Einsum": ALL,
+    # the row's types are the output's: the inputs are sizes/shapes
+    **{op: () for op in ("ConstantOfShape", "HannWindow", "HammingWindow", "BlackmanWindow", "RandomNormal",
+                         "RandomUniform", "Constant")},
 }
 # ops whose table types describe the output (they have no data input, or convert it)
 TYPED_OUTPUTS = frozenset({"Cast", "CastLike", "Constant", "ConstantOfShape", "EyeLike", "RandomNormal",
-                           "RandomUniform", "RandomNormalLike", "RandomUniformLike"})
+                           "RandomUniform", "RandomNormalLike", "RandomUniformLike", "HannWindow", "HammingWindow",
+                           "BlackmanWindow"})
