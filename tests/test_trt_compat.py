@@ -329,6 +329,17 @@ def test_asymmetric_and_uint8_and_negative_scales():
     assert any("non-positive" in p.message for p in problems(neg, "qdq", "w_dequant"))
 
 
+def test_scales_in_external_data_are_read_by_offset(tmp_path):
+    """Full-size per-channel scales (ViT-G: 1536-8192 floats) land in the external-data file."""
+    scales = np.full(6, 0.01, np.float32)
+    scales[4] = 0.0
+    path = tmp_path / "model.onnx"
+    onnx.save_model(qdq_graph(w_scales=scales), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    assert onnx.load(path, load_external_data=False).graph.initializer[1].data_location == TP.EXTERNAL
+    assert any("non-positive" in p.message for p in problems(check_onnx(path), "qdq", "w_dequant"))
+
+
 def test_quantize_without_dequantize():
     m = qdq_graph()
     mm = next(n for n in m.graph.node if n.name == "fc_matmul")

@@ -34,8 +34,10 @@ What is checked, per target in `onnx_support.TABLES` (default TensorRT 10.3 and 
    channel) or of the input's rank (block, INT4/FP4 weights only, opset >= 21 for `block_size`); per channel
    only on constant weights, on the output-channel axis of the consuming layer (Conv [K, C, R, S]: 0;
    ConvTranspose [C, K, R, S]: 1; MatMul [.., K, N]: last; Gemm B: 1, or 0 with transB); per-axis needs
-   opset >= 13; every Q feeds only DQs and every DQ reads a Q or a constant; FP8 on the Jetson target
-   (Orin, SM 8.7, has no FP8 kernels: a warning).
+   opset >= 13; every Q feeds only DQs and every DQ reads a Q or a constant; FP8/FP4 on the Jetson target
+   (a warning: Orin is Ampere, SM 8.7). Per-tensor activations / per-channel weights for INT8, FP8 from Ada
+   and FP4 from Blackwell: TensorRT Model Optimizer's support matrix
+   (nvidia.github.io/Model-Optimizer/guides/0_support_matrix.html), which produces what TensorRT takes.
 5. **shape**: only axis 0 of an input may be dynamic (`engines/build.py` builds one optimisation profile over
    the batch); every output has an inferred rank and static non-batch dims; a dynamic input batch must reach
    the outputs (an output with a literal batch means a Reshape baked it); a static batch must match
@@ -443,7 +445,8 @@ def check_onnx(model_or_path, *, targets: Sequence[str] = S.DEFAULT_TARGETS,
             for a in node.attribute:
                 if a.name == "value":
                     constant_nodes[node.output[0]] = a.t
-    ctx = _Ctx(model=inferred, idx=idx, types=G.tensor_types(inferred), shapes=shapes,
+    types = {t: et for t, et in G.tensor_types(inferred).items() if et}  # 0: UNDEFINED, i.e. not known
+    ctx = _Ctx(model=inferred, idx=idx, types=types, shapes=shapes,
                opset=_default_opset(model), base_dir=path.parent if path else None,
                originals={t.name: t for t in model.graph.initializer}, constant_nodes=constant_nodes)
 
@@ -510,7 +513,8 @@ def _check_operators(ctx: _Ctx, tables, sink: _Sink, checks: dict[str, str]) -> 
             if row is not None:
                 _check_node_types(name, node, row, ctx, t, sink)
                 for msg in _restrictions(node, ctx, t):
-                    sink.add("operator-limit", name, node.op_type, msg, [t.target])
+                    msg, severity = msg if isinstance(msg, tuple) else (msg, "error")
+                    sink.add("operator-limit", name, node.op_type, msg, [t.target], severity=severity)
         for sub in _sub_nodes(node):
             nested += 1
             for t in tables:
@@ -575,11 +579,11 @@ def _check_node_types(name: str, node, row: S.OpSupport, ctx: _Ctx, table: S.Ope
         sink.add("type", name, node.op_type, f"{role} is {tn}; '{node.op_type}' {need}", [table.target])
 
 
-def _restrictions(node, ctx: _Ctx, table: S.OperatorTable) -> list[str]:
-    """The table's restrictions that can be read off the graph."""
+def _restrictions(node, ctx: _Ctx, table: S.OperatorTable) -> list[str | tuple[str, str]]:
+    """The table's restrictions that can be read off the graph: messages, or (message, severity)."""
     op, ins = node.op_type, list(node.input)
     a = _attrs(node) if node.attribute else {}
-    out: list[str] = []
+    out: list[str | tuple[str, str]] = []
 
     def arg(i: int) -> str:
         return ins[i] if i < len(ins) else ""
@@ -622,7 +626,8 @@ def _restrictions(node, ctx: _Ctx, table: S.OperatorTable) -> list[str]:
                 out.append("the axes input must be " + ("resolvable to a constant" if table.has("squeeze_dynamic_axes")
                                                         else "an initializer"))
         elif op == "Squeeze" and ctx.opset >= 13 and not table.has("squeeze_omitted_axes"):
-            out.append("Squeeze without an axes input is parsed only from TensorRT 11.5: give axes explicitly")
+            msg = "Squeeze without an axes input is parsed only from TensorRT 11.5: give axes explicitly"
+            out.append((msg, "warning") if table.target.startswith("11") else msg)
     elif op == "CumSum" and arg(1) and not ctx.idx.is_constant(arg(1)):
         out.append("axis must be a build-time constant")
     elif op == "TopK":
@@ -909,9 +914,10 @@ def _check_qdq(ctx: _Ctx, tables, sink: _Sink) -> None:
         elif zp and qtype is not None and qtype not in _ZERO_POINT_TYPES:
             sink.add("qdq", name, op, f"zero point '{zp}' is {S.type_name(qtype)}: TensorRT quantizes to INT8, FP8, "
                      "INT4 or FP4")
-        if qtype == FP8 and orin:
-            sink.add("qdq", name, op, "FP8 quantization: Jetson Orin (compute capability 8.7) has no FP8 kernels "
-                     "(FP8 needs 8.9+); use INT8 for the Jetson engine", orin, severity="warning")
+        if qtype in (FP8, FP4) and orin:
+            gpus = "FP8 needs Ada (8.9) or later" if qtype == FP8 else "FP4 needs Blackwell or later"
+            sink.add("qdq", name, op, f"{S.type_name(qtype)} quantization: Jetson Orin (compute capability 8.7, "
+                     f"Ampere) has no such kernels ({gpus}); use INT8 for the Jetson engine", orin, severity="warning")
         if zp:
             if not idx.is_constant(zp):
                 sink.add("qdq", name, op, f"zero point '{zp}' is computed at run time: TensorRT needs a constant, "
