@@ -340,7 +340,8 @@ class _Ctx:
     def values(self, tensor: str) -> np.ndarray | None:
         """Values of an initializer or Constant output (small ones only)."""
         if tensor not in self._values:
-            t = self.originals.get(tensor) or self.constant_nodes.get(tensor)
+            t = self.originals.get(tensor)
+            t = self.constant_nodes.get(tensor) if t is None else t
             self._values[tensor] = None if t is None else _tensor_values(t, self.base_dir)
         return self._values[tensor]
 
@@ -383,7 +384,8 @@ def _load(model_or_path) -> tuple[Any, Path | None, str, int | None]:
         model = G.load(path, load_weights=False)
         return model, path, str(path), path.stat().st_size
     if not hasattr(model_or_path, "graph"):
-        raise ConfigError(f"check_onnx takes an ONNX file path or an onnx.ModelProto, got {type(model_or_path).__name__}")
+        raise ConfigError("check_onnx takes an ONNX file path or an onnx.ModelProto, "
+                          f"got {type(model_or_path).__name__}")
     return model_or_path, None, model_or_path.graph.name or "<in-memory model>", None
 
 
@@ -772,7 +774,8 @@ def _check_strong_typing(ctx: _Ctx, tables, sink: _Sink, skeleton, checks: dict[
     except Exception as exc:  # InferenceError or a schema error: the message names the node
         text = " ".join(str(exc).split())
         m = _NODE_IN_ERROR.search(text)
-        node = m.group(1).strip() if m else "model"
+        node = m.group(1).strip() if m else ""
+        node = node if node in ctx.idx.nodes else "model"  # unnamed nodes are named by GraphIndex only
         if not sink.has(node, ("strong-typing", "type", "operator")):
             op = ctx.idx.nodes[node].op_type if node in ctx.idx.nodes else ""
             sink.add("strong-typing", node, op, f"ONNX strict type inference fails: {text[:300]}; a strongly typed "

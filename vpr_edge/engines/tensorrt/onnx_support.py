@@ -101,8 +101,9 @@ FEATURES = {
 }
 
 # --- the 10.15 table -------------------------------------------------------------------------------------
-# One row per line: `Op: TYPES | restriction`; TYPES is N (unsupported), Y (supported, no types listed) or
-# a comma list where F = FP32, FP16, BF16; I = INT32, INT64; B = BOOL.
+# One row per line: `Op: TYPES | restriction` (an indented line continues the restriction); TYPES is N
+# (unsupported), Y (supported, no types listed) or a comma list where F = FP32, FP16, BF16; I = INT32, INT64;
+# B = BOOL.
 T10_15_ROWS = """
 Abs: F,I
 Acos: F
@@ -116,7 +117,8 @@ Asin: F
 Asinh: F
 Atan: F
 Atanh: F
-Attention: F,INT8,FP8 | Q, K, V and attn_mask must be 4-D; past_key, past_value, nonpad_kv_seqlen inputs, present_key, present_value, qk_matmul_output outputs, qk_matmul_output_mode and softcap unsupported
+Attention: F,INT8,FP8 | Q, K, V and attn_mask must be 4-D; past_key, past_value, nonpad_kv_seqlen inputs,
+  present_key, present_value, qk_matmul_output outputs, qk_matmul_output_mode and softcap unsupported
 AveragePool: F | 2-D or 3-D pooling only; dilations empty or all ones
 BatchNormalization: F
 Bernoulli: N
@@ -247,7 +249,9 @@ ReduceSumSquare: F,I | axes must be an initializer
 RegexFullMatch: N
 Relu: F,I
 Reshape: F,I,B
-Resize: F | coordinate_transformation_mode half_pixel, pytorch_half_pixel, tf_half_pixel_for_nn, asymmetric or align_corners; mode nearest or linear; nearest_mode floor, ceil, round_prefer_floor or round_prefer_ceil; keep_aspect_ratio_policy stretch; tensor scales need axes = 0..rank-1; no antialiasing
+Resize: F | coordinate_transformation_mode half_pixel, pytorch_half_pixel, tf_half_pixel_for_nn, asymmetric or
+  align_corners; mode nearest or linear; nearest_mode floor, ceil, round_prefer_floor or round_prefer_ceil;
+  keep_aspect_ratio_policy stretch; tensor scales need axes = 0..rank-1; no antialiasing
 ReverseSequence: F,I,B
 RMSNormalization: F
 RNN: F | bidirectional: same activations
@@ -323,8 +327,14 @@ def _parse_row(text: str) -> OpSupport:
 
 
 def _parse(rows: str) -> dict[str, OpSupport]:
-    out: dict[str, OpSupport] = {}
+    joined: list[str] = []
     for line in rows.strip().splitlines():
+        if line.startswith(" ") and joined:
+            joined[-1] += " " + line.strip()
+        else:
+            joined.append(line)
+    out: dict[str, OpSupport] = {}
+    for line in joined:
         op, _, rest = line.partition(":")
         out[op.strip()] = _parse_row(rest)
     return out
