@@ -277,6 +277,14 @@ def test_fp16_quantize_needs_opset_19():
     assert any("opset >= 19" in p.message for p in problems(check_onnx(m), "strong-typing", "q_half"))
 
 
+def test_attribute_of_a_later_opset():
+    m = qdq_graph()
+    dq = next(n for n in m.graph.node if n.name == "w_dequant")
+    dq.attribute.append(h.make_attribute("block_size", 2))  # DequantizeLinear-21
+    msgs = [p.message for p in problems(check_onnx(m), "strong-typing", "w_dequant")]
+    assert any("'block_size' is not defined for DequantizeLinear-13" in m and "opset >= 21" in m for m in msgs), msgs
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 4. Q/DQ
 # ---------------------------------------------------------------------------------------------------------
