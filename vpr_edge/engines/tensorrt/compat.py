@@ -822,12 +822,23 @@ def _check_schema_types(name: str, node, schema, ctx: _Ctx, sink: _Sink) -> None
                          f"{node.op_type}-{schema.since_version} does not allow for {param}{hint}")
 
 
+def _attribute_since(op: str, attribute: str, domain: str, after: int) -> int | None:
+    """The first opset after `after` whose schema of `op` defines `attribute`."""
+    onnx = G.onnx_module()
+    for version in range(after + 1, onnx.defs.onnx_opset_version() + 1):
+        try:
+            if attribute in onnx.defs.get_schema(op, version, domain).attributes:
+                return version
+        except Exception:  # no schema at that version
+            continue
+    return None
+
+
 def _check_attributes(name: str, node, schema, ctx: _Ctx, sink: _Sink) -> None:
     for a in node.attribute:
         if a.name not in schema.attributes:
-            since = {"axis": 13, "block_size": 21, "output_dtype": 21, "saturate": 19, "precision": 23}
-            need = (f"; it needs opset >= {since[a.name]}" if node.op_type in ("QuantizeLinear", "DequantizeLinear")
-                    and a.name in since else "")
+            since = _attribute_since(node.op_type, a.name, node.domain, ctx.opset)
+            need = f"; it needs opset >= {since}" if since else ""
             sink.add("strong-typing", name, node.op_type, f"attribute '{a.name}' is not defined for "
                      f"{node.op_type}-{schema.since_version} (opset {ctx.opset}){need}")
 
