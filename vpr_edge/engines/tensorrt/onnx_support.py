@@ -80,7 +80,14 @@ class OperatorTable:
     def get(self, op_type: str) -> OpSupport | None:
         return self.ops.get(op_type)
 
+    def __post_init__(self) -> None:
+        unknown = self.features - FEATURES.keys()
+        if unknown:
+            raise ValueError(f"table {self.target}: unknown features {sorted(unknown)}; known: {sorted(FEATURES)}")
+
     def has(self, feature: str) -> bool:
+        if feature not in FEATURES:
+            raise KeyError(f"unknown parser feature {feature!r}; known: {sorted(FEATURES)}")
         return feature in self.features
 
     def to_dict(self) -> dict:
