@@ -1,0 +1,1 @@
+"""TensorRT: engine building and the offline compatibility check."""
