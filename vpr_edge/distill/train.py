@@ -214,6 +214,7 @@ def _train(config, cache_path, run_dir, resume, dist, dev, workers, progress, im
         raise ArtifactError(f"{cache.path}: no training items after holding out {len(sp.heldout_images)} images")
     continuing = _check_run_dir(run_dir, config, cache, resume)
     ckpts = C.list_checkpoints(run_dir) if continuing else []
+    dist.barrier()  # every rank has looked at the run folder before rank 0 writes into it
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not continuing:
@@ -262,7 +263,7 @@ def _train(config, cache_path, run_dir, resume, dist, dev, workers, progress, im
     train_backbone = student.backbone
     if dist.world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
-            student.backbone, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False
+            student.backbone, device_ids=[dev.index] if dev.type == "cuda" else None
         )
         train_backbone = ddp
 
