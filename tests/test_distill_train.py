@@ -6,8 +6,10 @@ import csv
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -137,22 +139,41 @@ def test_a_student_of_the_teachers_architecture_reaches_it(tmp_path, imgs, teach
 
 
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path, cache6):
-    cfg = _tiny(checkpoint_every=3)
+    cfg = _tiny(steps=30, checkpoint_every=3)
     full = tmp_path / "full"
     train(cfg, cache6, full, progress=False)
+    # a preempted run: SIGTERM to train_main stops it after the current step, with a checkpoint
     part = tmp_path / "part"
-    res = train(cfg, cache6, part, progress=False, stop_after=5)
-    assert not res.complete and res.step == 5 and not (part / "student.pt").exists()
-    # what a kill after step 5, before its checkpoint, leaves: the step-3 checkpoint and 5 metric rows
-    C.path_for(part, 5).unlink()
-    assert len(_metrics(part)) == 5 and [s for s, _ in C.list_checkpoints(part)] == [3]
+    (tmp_path / "run.json").write_text(json.dumps(cfg.to_dict()))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "vpr_edge.distill.train_main", "--config", str(tmp_path / "run.json"),
+           "--cache", str(cache6), "--run-dir", str(part), "--threads", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not ((part / "metrics.csv").exists() and len(_metrics(part)) >= 4):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    finally:
+        proc.kill()
+    stopped = C.list_checkpoints(part)[-1][0]
+    assert 4 <= stopped < 30 and not (part / "student.pt").exists()
+    # and then a kill before its checkpoint: the previous checkpoint and more metric rows remain
+    C.path_for(part, stopped).unlink()
+    assert len(_metrics(part)) == stopped > C.list_checkpoints(part)[-1][0]
     res = train(cfg, cache6, part, progress=False, resume=True)
-    assert res.complete and res.step == 8
+    assert res.complete and res.step == 30
     np.testing.assert_allclose(_losses(part), _losses(full), rtol=1e-6, atol=1e-7)
     _assert_same_weights(part, full, atol=1e-6)
-    ck = C.load(C.path_for(part, 8))
-    assert ck["data_position"] == 8 * cfg.batch_size and {"python", "numpy", "torch"} <= ck["rng"].keys()
+    ck = C.load(C.path_for(part, 30))
+    assert ck["data_position"] == 30 * cfg.batch_size and {"python", "numpy", "torch"} <= ck["rng"].keys()
     assert {"model", "optimizer", "scheduler", "scaler", "ema"} <= ck.keys()
+    # stop_after: the same clean stop from Python
+    res = train(dataclasses.replace(cfg, steps=8), cache6, tmp_path / "short", progress=False, stop_after=5)
+    assert not res.complete and res.step == 5 and C.list_checkpoints(tmp_path / "short")[-1][0] == 5
     # refusals of a resume
     with pytest.raises(ConfigError, match=rf"{part} was started with another config \(lr differ\)"):
         train(dataclasses.replace(cfg, lr=1e-3), cache6, part, progress=False, resume=True)

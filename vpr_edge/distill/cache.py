@@ -504,6 +504,13 @@ class TeacherCache:
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
+    # DataLoader workers started by spawn/forkserver get the cache pickled: send the path, map again
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "manifest": self.manifest, "image_root": self.image_root}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["manifest"], state["image_root"], verify="size")
+
     @property
     def num_images(self) -> int:
         return len(self.image_files)

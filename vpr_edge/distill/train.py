@@ -313,7 +313,8 @@ def _train(config, cache_path, run_dir, resume, dist, dev, workers, progress, im
         while step < end:
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            acc = torch.zeros(1 + len(active), dtype=torch.float64)
+            # on the device (NCCL reduces CUDA tensors); the last entry carries this rank's stop request
+            acc = torch.zeros(2 + len(active), dtype=torch.float64, device=dev)
             lr = max(g["lr"] for g in opt.param_groups)
             for a in range(accumulation):
                 batch = next(it)
@@ -327,7 +328,7 @@ def _train(config, cache_path, run_dir, resume, dist, dev, workers, progress, im
                         assign.to(dev) if assign is not None else None,
                     )
                     scaler.scale(total / accumulation).backward()
-                acc += torch.tensor([float(total.detach())] + [float(parts[n].detach()) for n in active], dtype=torch.float64)
+                acc[: 1 + len(active)] += torch.stack([total.detach()] + [parts[n].detach() for n in active]).double()
             scaler.unscale_(opt)
             gnorm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf)
             scaler.step(opt)
@@ -336,9 +337,11 @@ def _train(config, cache_path, run_dir, resume, dist, dev, workers, progress, im
             if ema is not None:
                 ema.update(student)
             step += 1
+            acc[-1] = float(should_stop is not None and should_stop())
             if dist.world > 1:
-                torch.distributed.all_reduce(acc)
-            acc /= accumulation * dist.world
+                torch.distributed.all_reduce(acc)  # losses summed; a stop asked on any rank stops all
+            stop_requested = bool(acc[-1] > 0)
+            acc = (acc[:-1] / (accumulation * dist.world)).cpu()
             if dist.main:
                 dt = time.perf_counter() - t0
                 row = {"step": step, "epoch": step * config.batch_size / n_train, "lr": lr, "loss": float(acc[0])}
@@ -347,7 +350,7 @@ def _train(config, cache_path, run_dir, resume, dist, dev, workers, progress, im
                 metrics.append(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
-            stopping = step < config.steps and (step == end or (should_stop is not None and should_stop()))
+            stopping = step < config.steps and (step == end or stop_requested)
             if dist.main:
                 if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
                     run_eval(step)
