@@ -233,5 +233,8 @@ def test_nordland_frames_build_a_cache(tmp_path):
     files = sorted(folder.glob("images-*.png"))[100:104]
     if not files:
         pytest.skip(f"Nordland frames not found under {folder}")
-    c = build_cache(files, NumpyTeacher(), tmp_path / "c", views=3, progress=False)
+    c = build_cache(files, NumpyTeacher(), tmp_path / "c", views=3, progress=False, workers=2, batch_size=5)
+    ref = build_cache(files, NumpyTeacher(), tmp_path / "ref", views=3, progress=False)
+    for i in range(len(ref)):  # threads prepare images ahead; order and results do not change
+        np.testing.assert_array_equal(c.features(i), ref.features(i))
     assert len(c) == 12 and c.view(1).src_h == 32 and c.view(1).src_w == 64

@@ -184,7 +184,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, cache6):
 def test_bad_runs_are_refused_before_anything_is_written(tmp_path, cache6):
     run = tmp_path / "run"
     off = _tiny(student=StudentConfig(tiny=True, image_size=(84, 112), align="none"))
-    with pytest.raises(ConfigError, match=r"config.json: student grid 6x8 .* differs from the teacher grid 8x11"):
+    with pytest.raises(ConfigError, match=rf"run {run} on cache {cache6}: student grid 6x8 .* differs from the teacher grid 8x11"):
         train(off, cache6, run, progress=False)
     with pytest.raises(ConfigError, match="amp 'fp16' needs a CUDA device"):
         train(_tiny(amp="fp16"), cache6, run, progress=False, device="cpu")

@@ -22,7 +22,7 @@ import numpy as np
 
 from vpr_edge.distill import views as V
 from vpr_edge.distill.cache import TeacherCache
-from vpr_edge.errors import ConfigError, InputError
+from vpr_edge.errors import InputError
 from vpr_edge.lazy import lazy_import
 from vpr_edge.presets import Preprocess
 
@@ -95,9 +95,8 @@ class RenderedItems(torch.utils.data.Dataset):
 
     def __init__(self, cache: TeacherCache, image_size: tuple[int, int]) -> None:
         self.cache = cache
+        # the product's preprocessing of the teacher, at the student's input size
         self.preprocess: Preprocess = replace(cache.preprocess, image_size=tuple(image_size))
-        if cache.preprocess.resize != "cover_crop" and cache.preprocess.resize != "stretch":
-            raise ConfigError(f"{cache.path}: unknown resize policy {cache.preprocess.resize!r}")
 
     def __len__(self) -> int:
         return len(self.cache)

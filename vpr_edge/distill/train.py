@@ -183,6 +183,7 @@ def train(
     image_root: str | os.PathLike | None = None,
     stop_after: int | None = None,
     should_stop: Callable[[], bool] | None = None,
+    verify: str = "sha256",
 ) -> TrainResult:
     """Train (or continue) the student of `config` on the cache at `cache_path`, writing `run_dir`.
 
@@ -190,21 +191,24 @@ def train(
     float noise; the world size may differ); it starts from scratch when there is none yet.
     stop_after=k stops cleanly after k steps of this call (writing a checkpoint), as a preemption
     would; should_stop() is polled after every step for the same purpose (train_main wires SIGTERM).
+    verify: how rank 0 checks the cache when opening it ('sha256' reads every shard; 'size' for huge
+    caches); the other ranks check sizes.
     """
     run_dir = Path(run_dir)
     dist, dev = _setup_dist(device)
     try:
-        return _train(config, Path(cache_path), run_dir, resume, dist, dev, workers, progress, image_root, stop_after, should_stop)
+        return _train(config, Path(cache_path), run_dir, resume, dist, dev, workers, progress, image_root, stop_after,
+                      should_stop, verify)
     finally:
         if dist.owned and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _train(config, cache_path, run_dir, resume, dist, dev, workers, progress, image_root, stop_after, should_stop):
+def _train(config, cache_path, run_dir, resume, dist, dev, workers, progress, image_root, stop_after, should_stop, verify):
     if config.amp == "fp16" and dev.type != "cuda":
         raise ConfigError(f"{run_dir}: amp 'fp16' needs a CUDA device (it uses a GradScaler); use amp 'bf16' on CPU")
-    cache = open_cache(cache_path, verify="sha256" if dist.main else "size", image_root=image_root)
-    where = f"{run_dir / CONFIG}"
+    cache = open_cache(cache_path, verify=verify if dist.main else "size", image_root=image_root)
+    where = f"run {run_dir} on cache {cache.path}"
     scfg = config.student.for_teacher(cache.feature_dim, cache.grid, cache.preprocess.image_size, where=where)
     check_grids(scfg, cache.preprocess.image_size, where=where)
     config.losses.check_head(cache.head["kind"], where=where)

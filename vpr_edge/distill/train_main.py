@@ -28,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", default=None, help="where the cache's images are now, if they moved")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (with a checkpoint)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: leave torch's default)")
+    p.add_argument("--verify", default="sha256", choices=("sha256", "size"), help="how the cache is checked when opened")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(
             config, args.cache, args.run_dir, resume=args.resume, device=args.device, workers=args.workers,
             progress=not args.quiet, image_root=args.image_root, stop_after=args.stop_after,
-            should_stop=lambda: stop["requested"],
+            should_stop=lambda: stop["requested"], verify=args.verify,
         )
     except VprEdgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
