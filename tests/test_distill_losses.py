@@ -24,10 +24,12 @@ def _one_thread():
 def _setup(pca=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(K, D, generator=g) * 0.4
-    feats = torch.nn.functional.normalize(centers[torch.randint(0, K, (B, N), generator=g)] + 0.3 * torch.randn(B, N, D, generator=g), dim=-1)
+    noise = 0.3 * torch.randn(B, N, D, generator=g)
+    feats = torch.nn.functional.normalize(centers[torch.randint(0, K, (B, N), generator=g)] + noise, dim=-1)
     kw = {}
     if pca:
-        kw = {"pca_mean": np.zeros(K * D, np.float32), "pca_proj": np.random.default_rng(seed).standard_normal((8, K * D)).astype(np.float32)}
+        proj = np.random.default_rng(seed).standard_normal((8, K * D)).astype(np.float32)
+        kw = {"pca_mean": np.zeros(K * D, np.float32), "pca_proj": proj}
     head = build_head("vlad", centers=centers.numpy(), **kw)
     with torch.no_grad():
         desc = head(feats)

@@ -21,7 +21,6 @@ from vpr_edge.distill.cache import build_cache, open_cache
 from vpr_edge.distill.config import TrainConfig
 from vpr_edge.distill.data import RenderedItems
 from vpr_edge.distill.evaluate import evaluate
-from vpr_edge.distill.losses import LossConfig
 from vpr_edge.distill.student import StudentConfig
 from vpr_edge.distill.toy import toy_teacher
 from vpr_edge.distill.train import load_student, train

@@ -117,7 +117,9 @@ def _resolve_images(images) -> tuple[Path, list[Path]]:
     return root, files
 
 
-def _plan(teacher, root: Path, files: list[Path], views: int, seed: int, shard_size: int, view_config: V.ViewConfig) -> dict:
+def _plan(
+    teacher, root: Path, files: list[Path], views: int, seed: int, shard_size: int, view_config: V.ViewConfig
+) -> dict:
     pre = teacher.preprocess
     if not isinstance(pre, Preprocess):
         raise ConfigError(f"teacher.preprocess must be a presets.Preprocess, got {type(pre).__name__}")
@@ -184,7 +186,9 @@ def _check_file(path: Path, info: dict, deep: bool, fix: str) -> None:
     except (OSError, ValueError, EOFError) as exc:
         raise ArtifactError(f"{path} is not a readable .npy file ({exc}); {fix}") from None
     if list(arr.shape) != list(info["shape"]) or str(arr.dtype) != info["dtype"]:
-        raise ArtifactError(f"{path} holds {arr.dtype} {list(arr.shape)}, its record says {info['dtype']} {info['shape']}; {fix}")
+        raise ArtifactError(
+            f"{path} holds {arr.dtype} {list(arr.shape)}, its record says {info['dtype']} {info['shape']}; {fix}"
+        )
     if deep and sha256_file(path) != info["sha256"]:
         raise ArtifactError(f"{path} does not match its recorded sha256: the file is corrupt; {fix}")
 
@@ -198,7 +202,9 @@ def _lock(folder: Path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ArtifactError(f"{folder} is being written by another cache build; wait for it or choose another output") from None
+            raise ArtifactError(
+                f"{folder} is being written by another cache build; wait for it or choose another output"
+            ) from None
         yield
     finally:
         os.close(fd)
@@ -256,7 +262,9 @@ def build_cache(
             old = _read_json(out / PLAN, "teacher-cache-plan", f"delete {out} or choose another output")
             diff = space_diff(old, plan)
             if diff:
-                detail = ", ".join(diff) + (" (" + ", ".join(space_diff(old.get("teacher"), plan["teacher"])) + ")" if "teacher" in diff else "")
+                detail = ", ".join(diff)
+                if "teacher" in diff:
+                    detail += " (" + ", ".join(space_diff(old.get("teacher"), plan["teacher"])) + ")"
                 raise ArtifactError(
                     f"{out} holds a teacher cache built with another plan ({detail} differ); "
                     f"choose another output, or delete {out} to rebuild it"
@@ -280,7 +288,9 @@ def build_cache(
                 if records[k] is not None:
                     continue
                 lo, hi = k * shard_size, min(len(files), (k + 1) * shard_size)
-                records[k] = _build_shard(out, k, lo, hi, files, root, teacher, plan, key, batch_size, workers, view_config, report, bar)
+                records[k] = _build_shard(
+                    out, k, lo, hi, files, root, teacher, plan, key, batch_size, workers, view_config, report, bar
+                )
                 if on_shard is not None:
                     on_shard(k)
         finally:
@@ -498,7 +508,9 @@ class TeacherCache:
             self._shards.append(arrays)
         counts = np.array([len(s["views"]) for s in self._shards], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(counts)])
-        self.views_table = np.concatenate([s["views"] for s in self._shards]) if self._shards else np.zeros((0, len(V.COLUMNS)))
+        self.views_table = (
+            np.concatenate([s["views"] for s in self._shards]) if self._shards else np.zeros((0, len(V.COLUMNS)))
+        )
         self.items = self.views_table[:, :2].astype(np.int64)  # (image, view) per item
 
     def __len__(self) -> int:
@@ -560,7 +572,8 @@ class TeacherCache:
         from vpr_edge.distill.student import build_head
 
         mean, proj = self.pca if self.pca is not None else (None, None)
-        return build_head(self.head["kind"], centers=self.centers, gem_p=self.head.get("gem_p", 3.0), pca_mean=mean, pca_proj=proj)
+        gem_p = self.head.get("gem_p", 3.0)
+        return build_head(self.head["kind"], centers=self.centers, gem_p=gem_p, pca_mean=mean, pca_proj=proj)
 
     @property
     def fingerprint(self) -> str:

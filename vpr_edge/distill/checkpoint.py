@@ -83,12 +83,14 @@ def load(path: Path, device="cpu") -> dict[str, Any]:
     try:
         ck = torch.load(str(path), map_location=device, weights_only=True)
     except Exception as exc:  # torch raises pickle, zip and runtime errors for a damaged file
+        first = str(exc).splitlines()[0][:160] if str(exc) else ""
         raise ArtifactError(
-            f"{path} is not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
-            "delete it to resume from the previous one"
+            f"{path} is not a readable checkpoint ({type(exc).__name__}: {first}); delete it to resume from the previous one"
         ) from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a vpr-edge distillation checkpoint; remove it from {path.parent}")
     if ck.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path} has checkpoint format_version {ck.get('format_version')}, this vpr-edge reads {FORMAT_VERSION}")
+        raise ArtifactError(
+            f"{path} has checkpoint format_version {ck.get('format_version')}, this vpr-edge reads {FORMAT_VERSION}"
+        )
     return ck

@@ -52,13 +52,16 @@ class TrainConfig:
         checks = [
             (self.steps >= 1, "steps must be >= 1"),
             (self.batch_size >= 1 and self.micro_batch_size >= 1, "batch_size and micro_batch_size must be >= 1"),
-            (self.batch_size % self.micro_batch_size == 0, f"batch_size {self.batch_size} must be a multiple of micro_batch_size {self.micro_batch_size}"),
+            (self.batch_size % self.micro_batch_size == 0,
+             f"batch_size {self.batch_size} must be a multiple of micro_batch_size {self.micro_batch_size}"),
             (self.lr > 0 and self.backbone_lr_scale >= 0, "lr must be > 0 and backbone_lr_scale >= 0"),
-            (self.warmup_steps >= 0 and 0 <= self.min_lr_ratio <= 1, "warmup_steps must be >= 0 and min_lr_ratio in 0..1"),
+            (self.warmup_steps >= 0 and 0 <= self.min_lr_ratio <= 1,
+             "warmup_steps must be >= 0 and min_lr_ratio in 0..1"),
             (self.amp in AMP, f"amp must be one of {AMP}, got {self.amp!r}"),
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
             (0 <= self.heldout_fraction < 1, f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}"),
-            (min(self.eval_every, self.checkpoint_every, self.grad_clip, self.weight_decay) >= 0, "eval_every, checkpoint_every, grad_clip, weight_decay must be >= 0"),
+            (min(self.eval_every, self.checkpoint_every, self.grad_clip, self.weight_decay) >= 0,
+             "eval_every, checkpoint_every, grad_clip, weight_decay must be >= 0"),
             (self.keep_checkpoints >= 1 and self.eval_limit >= 1, "keep_checkpoints and eval_limit must be >= 1"),
         ]
         for ok, msg in checks:

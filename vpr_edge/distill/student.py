@@ -95,7 +95,9 @@ class StudentConfig:
     def resolved(self) -> bool:
         return None not in (self.image_size, self.teacher_dim, self.teacher_grid)
 
-    def for_teacher(self, dim: int, grid: tuple[int, int], image_size: tuple[int, int], where: str = "") -> "StudentConfig":
+    def for_teacher(
+        self, dim: int, grid: tuple[int, int], image_size: tuple[int, int], where: str = ""
+    ) -> "StudentConfig":
         """Fill None fields from the teacher; refuse given values that contradict it."""
         at = f"{where}: " if where else ""
         given = {"teacher_dim": (self.teacher_dim, int(dim)), "teacher_grid": (self.teacher_grid, tuple(grid))}
@@ -133,7 +135,9 @@ def align_tokens(tokens: torch.Tensor, src_grid: tuple[int, int], dst_grid: tupl
     return x.flatten(2).transpose(1, 2)
 
 
-def check_grids(config: StudentConfig, teacher_image_size: tuple[int, int] | None = None, where: str = "") -> tuple[int, int]:
+def check_grids(
+    config: StudentConfig, teacher_image_size: tuple[int, int] | None = None, where: str = ""
+) -> tuple[int, int]:
     """The student's token grid; refuses a mismatch it cannot align. Returns the student grid."""
     from vpr_edge.models.vit import token_grid
 
@@ -241,7 +245,9 @@ def build_head(kind: str, *, centers=None, gem_p: float = 3.0, pca_mean=None, pc
     if (pca_mean is None) != (pca_proj is None):
         raise ConfigError("a PCA head needs both its mean and its projection")
     if pca_mean is not None:
-        pca = PCAWhiten(torch.as_tensor(np.asarray(pca_mean, np.float32)), torch.as_tensor(np.asarray(pca_proj, np.float32)))
+        pca = PCAWhiten(
+            torch.as_tensor(np.asarray(pca_mean, np.float32)), torch.as_tensor(np.asarray(pca_proj, np.float32))
+        )
     head = AnyLocHead(pool, pca).eval()
     for p in head.parameters():
         p.requires_grad_(False)

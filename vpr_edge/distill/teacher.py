@@ -76,7 +76,9 @@ class TorchTeacher:
         pca = model.aggregator.pca
         self.centers = pool.centers.detach().cpu().numpy().copy() if isinstance(pool, HardVLAD) else None
         self.gem_p = float(pool.p) if isinstance(pool, GeM) else 3.0
-        self.pca = None if pca is None else (pca.mean.detach().cpu().numpy().copy(), pca.proj.detach().cpu().numpy().copy())
+        self.pca = None
+        if pca is not None:
+            self.pca = (pca.mean.detach().cpu().numpy().copy(), pca.proj.detach().cpu().numpy().copy())
         if space is None:
             space = preset.space()
             if self.centers is not None:
@@ -87,7 +89,9 @@ class TorchTeacher:
         self.identity = identity if identity is not None else {"network": "pytorch reference", "preset": preset.name}
 
     @classmethod
-    def from_preset(cls, preset, weights: str = "random", vocabulary=None, pca=None, seed: int = 0, device: str = "cpu", **kw):
+    def from_preset(
+        cls, preset, weights: str = "random", vocabulary=None, pca=None, seed: int = 0, device: str = "cpu", **kw
+    ):
         from vpr_edge.models.build import build_model
 
         model = build_model(preset, weights, vocabulary=vocabulary, pca=pca, seed=seed)

@@ -148,7 +148,10 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, cache: TeacherCache, resu
             raise ArtifactError(f"{run_dir} holds checkpoints but no {CONFIG}; it is not a run folder of this trainer")
         return False
     if not resume:
-        raise ArtifactError(f"{run_dir} already holds a distillation run; pass resume=True (--resume) to continue it or choose another run folder")
+        raise ArtifactError(
+            f"{run_dir} already holds a distillation run; pass resume=True (--resume) to continue it "
+            "or choose another run folder"
+        )
     import json
 
     try:
@@ -164,8 +167,9 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, cache: TeacherCache, resu
             f"{path} or start a new run folder"
         )
     if old.get("cache", {}).get("fingerprint") != cache.fingerprint:
+        was = old.get("cache", {})
         raise ArtifactError(
-            f"{run_dir} was trained on cache {old.get('cache', {}).get('path')} (plan {str(old.get('cache', {}).get('fingerprint'))[:12]}), "
+            f"{run_dir} was trained on cache {was.get('path')} (plan {str(was.get('fingerprint'))[:12]}), "
             f"not on {cache.path} (plan {cache.fingerprint[:12]}); resume with that cache or start a new run folder"
         )
     return True
@@ -204,7 +208,9 @@ def train(
             torch.distributed.destroy_process_group()
 
 
-def _train(config, cache_path, run_dir, resume, dist, dev, workers, progress, image_root, stop_after, should_stop, verify):
+def _train(
+    config, cache_path, run_dir, resume, dist, dev, workers, progress, image_root, stop_after, should_stop, verify
+):
     if config.amp == "fp16" and dev.type != "cuda":
         raise ConfigError(f"{run_dir}: amp 'fp16' needs a CUDA device (it uses a GradScaler); use amp 'bf16' on CPU")
     cache = open_cache(cache_path, verify=verify if dist.main else "size", image_root=image_root)
@@ -257,7 +263,8 @@ def _train(config, cache_path, run_dir, resume, dist, dev, workers, progress, im
         student.aggregator.eval()
 
     active = list(config.losses.active)
-    metrics = CsvLog(run_dir / METRICS, ["step", "epoch", "lr", "loss"] + [f"loss_{n}" for n in active] + ["grad_norm", "items_per_s", "wall_s"])
+    columns = ["step", "epoch", "lr", "loss"] + [f"loss_{n}" for n in active] + ["grad_norm", "items_per_s", "wall_s"]
+    metrics = CsvLog(run_dir / METRICS, columns)
     evals = CsvLog(run_dir / EVAL, EVAL_COLUMNS)
     if dist.main:
         metrics.truncate_after(start)
@@ -423,7 +430,8 @@ def load_student(path: str | os.PathLike, device: str = "cpu") -> Student:
     centers = np.zeros((head["clusters"], d), np.float32) if head["kind"] == "vlad" else None
     pca = head.get("pca")
     mean, proj = (np.zeros(pca[0], np.float32), np.zeros((pca[1], pca[0]), np.float32)) if pca else (None, None)
-    student = build_student(scfg, build_head(head["kind"], centers=centers, gem_p=head.get("gem_p", 3.0), pca_mean=mean, pca_proj=proj))
+    gem_p = head.get("gem_p", 3.0)
+    student = build_student(scfg, build_head(head["kind"], centers=centers, gem_p=gem_p, pca_mean=mean, pca_proj=proj))
     weights = meta_path.parent / STUDENT_PT
     try:
         sd = torch.load(str(weights), map_location="cpu", weights_only=True)

@@ -28,7 +28,9 @@ import numpy as np
 from vpr_edge.errors import ArtifactError, ConfigError
 
 # one row per view in the cache (float64 holds the integers exactly)
-COLUMNS = ("image", "view", "src_h", "src_w", "top", "left", "height", "width", "flip", "brightness", "contrast", "saturation")
+COLUMNS = (
+    "image", "view", "src_h", "src_w", "top", "left", "height", "width", "flip", "brightness", "contrast", "saturation"
+)
 _GRAY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -126,7 +128,9 @@ def draw_view(image: int, view: int, src_hw: tuple[int, int], seed: int, config:
     return View(image, view, h, w, *box, flip=flip, brightness=b, contrast=c, saturation=s)
 
 
-def draw_views(image: int, src_hw: tuple[int, int], count: int, seed: int, config: ViewConfig = ViewConfig()) -> list[View]:
+def draw_views(
+    image: int, src_hw: tuple[int, int], count: int, seed: int, config: ViewConfig = ViewConfig()
+) -> list[View]:
     return [draw_view(image, v, src_hw, seed, config) for v in range(count)]
 
 
