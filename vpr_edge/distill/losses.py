@@ -1,0 +1,149 @@
+"""Distillation losses, each switched on by a non-zero weight (the weights are part of TrainConfig).
+
+Notation: s = student features [B, N, D] (per-patch L2), t = teacher features (FP16 in the cache,
+re-normalised in FP32), a = the teacher's hard VLAD cluster per patch [B, N], d_t = the teacher's
+descriptor [B, dim] (after its PCA if any), head = the teacher's frozen aggregator.
+
+- patch       'cosine': mean over patches of 1 - cos(s, t); 'mse': mean over patches of ||s - t||^2.
+              On unit vectors ||s - t||^2 = 2 (1 - cos): the two differ by a factor of 2 only;
+              'mse' is kept for teachers whose features are not normalised.
+- vlad        1 - cos(head_a(s), d_t), where head_a is the teacher's VLAD computed with the
+              *teacher's* hard assignments a (one-hot(a)^T s - counts C, intra-L2, L2, then the
+              teacher's PCA): differentiable in s everywhere, and equal to the teacher's descriptor
+              exactly when s = t. The descriptor-level loss that does not depend on the student's argmax.
+- descriptor  1 - cos(head(s), d_t): the student's own descriptor, with its own hard assignments, as
+              it is computed at inference. The strong baseline of asymmetric retrieval (student
+              queries against a teacher-built map); gradients flow through the residual sums.
+- relational  Rows: each student descriptor against the batch of teacher descriptors (the map the
+              robot queries), softmax(head(s) d_t^T / T); target: softmax(d_t d_t^T / T) (teacher
+              vs teacher); KL(target || student), mean over rows. Rankings of the map by a student
+              query then follow the teacher's. Computed over the micro-batch (see TrainConfig).
+- assignment  Cross-entropy of logits cos(s, c_k) / T (c_k the normalised centres) against the
+              teacher's cluster a: hard VLAD at inference puts student tokens in the teacher's clusters.
+
+`vlad` and `assignment` need a VLAD teacher (assignments in the cache); a GeM teacher refuses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from vpr_edge.errors import ConfigError
+from vpr_edge.lazy import lazy_import
+
+torch = lazy_import("torch")
+F = torch.nn.functional
+
+NAMES = ("patch", "vlad", "descriptor", "relational", "assignment")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    patch: float = 1.0
+    patch_kind: str = "cosine"  # 'cosine' | 'mse'
+    vlad: float = 1.0
+    descriptor: float = 1.0
+    relational: float = 0.1
+    relational_temperature: float = 0.05
+    assignment: float = 0.1
+    assignment_temperature: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.patch_kind not in ("cosine", "mse"):
+            raise ConfigError(f"patch_kind must be 'cosine' or 'mse', got {self.patch_kind!r}")
+        for n in NAMES:
+            if getattr(self, n) < 0:
+                raise ConfigError(f"loss weight {n} must be >= 0, got {getattr(self, n)}")
+        if not any(getattr(self, n) for n in NAMES):
+            raise ConfigError(f"all loss weights are 0; switch on at least one of {', '.join(NAMES)}")
+        if self.relational_temperature <= 0 or self.assignment_temperature <= 0:
+            raise ConfigError("loss temperatures must be > 0")
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        return tuple(n for n in NAMES if getattr(self, n) > 0)
+
+    def check_head(self, head_kind: str, where: str = "") -> None:
+        """Refuse losses that need hard assignments when the teacher has none."""
+        if head_kind == "vlad":
+            return
+        bad = [n for n in ("vlad", "assignment") if getattr(self, n) > 0]
+        if bad:
+            at = f"{where}: " if where else ""
+            raise ConfigError(
+                f"{at}losses {', '.join(bad)} need a VLAD teacher (hard assignments), this teacher uses {head_kind}; "
+                f"set {' and '.join(f'losses.{n} = 0' for n in bad)}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def l2(x: torch.Tensor) -> torch.Tensor:
+    from vpr_edge.models.vlad import l2_normalize
+
+    return l2_normalize(x)
+
+
+def vlad_with_assignments(features: torch.Tensor, assign: torch.Tensor, pool) -> torch.Tensor:
+    """The HardVLAD descriptor of `features` with the given hard assignments instead of its own argmax.
+
+    Same arithmetic as models.vlad.HardVLAD.residual_sums/forward (one-hot^T X - counts C, intra-L2,
+    L2); a test checks it equals HardVLAD(features) when `assign` is HardVLAD.assign(features)."""
+    x = l2(features)
+    a = pool.one_hot(assign)  # [B, N, K]
+    counts = a.sum(dim=1).unsqueeze(-1)
+    r = a.transpose(1, 2) @ x - counts * pool.centers
+    return l2(l2(r).flatten(1))
+
+
+def _cos_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (1.0 - (l2(a) * l2(b)).sum(-1)).mean()
+
+
+def distill_losses(
+    config: LossConfig,
+    head,
+    student_features: torch.Tensor,
+    teacher_features: torch.Tensor,
+    teacher_descriptors: torch.Tensor,
+    teacher_assign: torch.Tensor | None = None,
+    student_descriptors: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(weighted total, {name: unweighted loss}) for the active losses; all in FP32."""
+    s = student_features.float()
+    t = l2(teacher_features.float())
+    dt = teacher_descriptors.float()
+    pool, pca = getattr(head, "pool", head), getattr(head, "pca", None)
+    parts: dict[str, torch.Tensor] = {}
+    if config.patch:
+        if config.patch_kind == "cosine":
+            parts["patch"] = _cos_loss(s, t)
+        else:
+            parts["patch"] = ((s - t) ** 2).sum(-1).mean()
+    need_assign = config.vlad or config.assignment
+    if need_assign and teacher_assign is None:
+        raise ConfigError("losses vlad/assignment need the teacher's hard assignments (a VLAD teacher cache)")
+    if config.vlad:
+        v = vlad_with_assignments(s, teacher_assign.long(), pool)
+        if pca is not None:
+            v = pca(v)
+        parts["vlad"] = _cos_loss(v, dt)
+    if config.descriptor or config.relational:
+        ds = student_descriptors.float() if student_descriptors is not None else head(s)
+        if config.descriptor:
+            parts["descriptor"] = _cos_loss(ds, dt)
+        if config.relational:
+            tau = config.relational_temperature
+            dtn = l2(dt)
+            target = F.softmax(dtn @ dtn.T / tau, dim=-1)
+            logp = F.log_softmax(l2(ds) @ dtn.T / tau, dim=-1)
+            parts["relational"] = F.kl_div(logp, target, reduction="batchmean")
+    if config.assignment:
+        c = l2(pool.centers.float())
+        logits = (s @ c.T) / config.assignment_temperature  # [B, N, K]
+        parts["assignment"] = F.cross_entropy(logits.flatten(0, 1), teacher_assign.long().flatten())
+    total = sum(getattr(config, n) * v for n, v in parts.items())
+    return total, parts

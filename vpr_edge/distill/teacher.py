@@ -1,0 +1,108 @@
+"""What the teacher cache needs from a teacher, and the PyTorch reference as one.
+
+The protocol (duck-typed; an ONNX Runtime or TensorRT teacher can follow it without torch):
+
+    space: dict            the descriptor space the teacher defines (stored, compared by open_cache)
+    identity: dict         what produced the numbers (network, weights, precision; stored, not compared)
+    preprocess: Preprocess how an image becomes the teacher's input (presets.Preprocess)
+    feature_dim: int       facet dim D (1536 for ViT-G)
+    grid: (int, int)       token grid (16, 16 for ViT-G/14 at 224)
+    descriptor_dim: int    final descriptor size (49152, or the PCA dim)
+    centers: ndarray|None  VLAD centres [K, D] (raw, as HardVLAD holds them), None for GeM
+    pca: (mean, proj)|None optional: the PCA-whitening after the pool ([Dfull], [dim, Dfull])
+    gem_p: float           optional (GeM teachers; default 3)
+    __call__(images float32 [B, 3, H, W]) -> (features float32 [B, N, D] per-patch L2-normalised,
+                                             descriptors float32 [B, descriptor_dim])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from vpr_edge.errors import ConfigError
+from vpr_edge.presets import Preprocess
+
+
+class Teacher(Protocol):
+    space: dict
+    identity: dict
+    preprocess: Preprocess
+    feature_dim: int
+    grid: tuple[int, int]
+    descriptor_dim: int
+    centers: np.ndarray | None
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def head_info(teacher: Any) -> dict[str, Any]:
+    """The aggregator a student must reuse: kind, GeM p, cluster count, PCA dims."""
+    centers = getattr(teacher, "centers", None)
+    pca = getattr(teacher, "pca", None)
+    return {
+        "kind": "vlad" if centers is not None else "gem",
+        "clusters": int(np.asarray(centers).shape[0]) if centers is not None else 0,
+        "gem_p": float(getattr(teacher, "gem_p", 3.0)),
+        "pca": None if pca is None else [int(np.asarray(pca[1]).shape[1]), int(np.asarray(pca[1]).shape[0])],
+    }
+
+
+class TorchTeacher:
+    """The PyTorch reference (`models.build.build_model`) as a teacher.
+
+    `space` defaults to the preset's `space()` plus the fingerprints of the vocabulary and PCA the
+    descriptors depend on; `identity` to the preset name, weights and seed. Pass your own dicts to
+    use the package's descriptor-space declarations instead."""
+
+    def __init__(self, model, *, space: dict | None = None, identity: dict | None = None, device: str = "cpu") -> None:
+        import torch
+
+        from vpr_edge.models.gem import GeM
+        from vpr_edge.models.vlad import HardVLAD
+        from vpr_edge.models.vocabulary import array_fingerprint
+
+        preset = model.preset
+        if preset.method != "anyloc":
+            raise ConfigError(f"distillation teachers are AnyLoc presets (facet + VLAD/GeM); {preset.name} is {preset.method}")
+        self.model = model.eval().to(device)
+        self.device = torch.device(device)
+        self.preprocess = preset.preprocess
+        self.feature_dim = int(preset.feature_dim)
+        self.grid = tuple(int(g) for g in preset.grid())
+        self.descriptor_dim = int(preset.descriptor_dim)
+        pool = model.aggregator.pool
+        pca = model.aggregator.pca
+        self.centers = pool.centers.detach().cpu().numpy().copy() if isinstance(pool, HardVLAD) else None
+        self.gem_p = float(pool.p) if isinstance(pool, GeM) else 3.0
+        self.pca = None
+        if pca is not None:
+            self.pca = (pca.mean.detach().cpu().numpy().copy(), pca.proj.detach().cpu().numpy().copy())
+        if space is None:
+            space = preset.space()
+            if self.centers is not None:
+                space["vocabulary_fingerprint"] = array_fingerprint(self.centers)
+            if self.pca is not None:
+                space["pca_fingerprint"] = array_fingerprint(np.concatenate([self.pca[0], self.pca[1].ravel()]))
+        self.space = space
+        self.identity = identity if identity is not None else {"network": "pytorch reference", "preset": preset.name}
+
+    @classmethod
+    def from_preset(
+        cls, preset, weights: str = "random", vocabulary=None, pca=None, seed: int = 0, device: str = "cpu", **kw
+    ):
+        from vpr_edge.models.build import build_model
+
+        model = build_model(preset, weights, vocabulary=vocabulary, pca=pca, seed=seed)
+        ident = {"network": "pytorch reference", "preset": preset.name, "weights": str(weights), "seed": seed}
+        return cls(model, identity=kw.pop("identity", ident), device=device, **kw)
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
+            f = self.model.backbone(x)
+            d = self.model.aggregator(f)
+        return f.float().cpu().numpy(), d.float().cpu().numpy()
