@@ -19,8 +19,8 @@ from vpr_edge.distill import views as V
 from vpr_edge.distill.cache import MANIFEST, SHARDS, build_cache, open_cache, sha256_file
 from vpr_edge.distill.toy import NumpyTeacher, toy_teacher
 from vpr_edge.errors import ArtifactError, InputError
-from vpr_edge.runtime.images import load_rgb
-from vpr_edge.runtime.preprocess import preprocess_rgb
+from vpr_edge.imaging.decode import load_rgb
+from vpr_edge.imaging.exact import preprocess_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 

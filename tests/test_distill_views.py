@@ -7,7 +7,7 @@ import pytest
 
 from vpr_edge.distill import views as V
 from vpr_edge.errors import ArtifactError, ConfigError
-from vpr_edge.runtime.images import load_rgb
+from vpr_edge.imaging.decode import load_rgb
 
 
 @pytest.fixture(scope="module")

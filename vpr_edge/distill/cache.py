@@ -336,8 +336,8 @@ def _committed(out: Path, k: int, key: str) -> dict | None:
 
 def _prepare(idx: int, path: Path, views: int, seed: int, vc: V.ViewConfig, pre: Preprocess):
     """Decode image idx, draw and render its views, preprocess them for the teacher."""
-    from vpr_edge.runtime.images import load_rgb
-    from vpr_edge.runtime.preprocess import preprocess_rgb
+    from vpr_edge.imaging.decode import load_rgb
+    from vpr_edge.imaging.exact import preprocess_rgb
 
     try:
         rgb = load_rgb(path)

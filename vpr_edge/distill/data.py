@@ -102,8 +102,8 @@ class RenderedItems(torch.utils.data.Dataset):
         return len(self.cache)
 
     def image(self, i: int) -> np.ndarray:
-        from vpr_edge.runtime.images import load_rgb
-        from vpr_edge.runtime.preprocess import preprocess_rgb
+        from vpr_edge.imaging.decode import load_rgb
+        from vpr_edge.imaging.exact import preprocess_rgb
 
         v = self.cache.view(i)
         path = self.cache.image_path(v.image)

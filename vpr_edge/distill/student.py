@@ -228,7 +228,7 @@ class Student(nn.Module):
 
 def build_head(kind: str, *, centers=None, gem_p: float = 3.0, pca_mean=None, pca_proj=None) -> nn.Module:
     """The teacher's aggregator as a frozen module: HardVLAD(centers) or GeM(p), then PCAWhiten if given."""
-    from vpr_edge.models.build import AnyLocHead
+    from vpr_edge.models.build import DescriptorHead
     from vpr_edge.models.gem import GeM
     from vpr_edge.models.pca import PCAWhiten
     from vpr_edge.models.vlad import HardVLAD
@@ -248,7 +248,7 @@ def build_head(kind: str, *, centers=None, gem_p: float = 3.0, pca_mean=None, pc
         pca = PCAWhiten(
             torch.as_tensor(np.asarray(pca_mean, np.float32)), torch.as_tensor(np.asarray(pca_proj, np.float32))
         )
-    head = AnyLocHead(pool, pca).eval()
+    head = DescriptorHead(pool, pca).eval()
     for p in head.parameters():
         p.requires_grad_(False)
     return head

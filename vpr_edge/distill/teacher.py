@@ -50,21 +50,21 @@ def head_info(teacher: Any) -> dict[str, Any]:
 
 
 class TorchTeacher:
-    """The PyTorch reference (`models.build.build_model`) as a teacher.
+    """The PyTorch reference (`models.reference.build_reference`) as a teacher.
 
-    `space` defaults to the preset's `space()` plus the fingerprints of the vocabulary and PCA the
-    descriptors depend on; `identity` to the preset name, weights and seed. Pass your own dicts to
-    use the package's descriptor-space declarations instead."""
+    `space`/`identity` default to the reference's descriptor space (preset recipe, weights id, vocabulary
+    and PCA fingerprints: `vpr_edge.space`) and identity."""
 
     def __init__(self, model, *, space: dict | None = None, identity: dict | None = None, device: str = "cpu") -> None:
         import torch
 
+        from vpr_edge.fitted import array_fingerprint
         from vpr_edge.models.gem import GeM
         from vpr_edge.models.vlad import HardVLAD
-        from vpr_edge.models.vocabulary import array_fingerprint
+        from vpr_edge.space import DescriptorSpace
 
         preset = model.preset
-        if preset.method != "anyloc":
+        if preset.facet is None or preset.aggregator.kind not in ("vlad", "gem"):
             raise ConfigError(f"distillation teachers are AnyLoc presets (facet + VLAD/GeM); {preset.name} is {preset.method}")
         self.model = model.eval().to(device)
         self.device = torch.device(device)
@@ -80,11 +80,11 @@ class TorchTeacher:
         if pca is not None:
             self.pca = (pca.mean.detach().cpu().numpy().copy(), pca.proj.detach().cpu().numpy().copy())
         if space is None:
-            space = preset.space()
-            if self.centers is not None:
-                space["vocabulary_fingerprint"] = array_fingerprint(self.centers)
-            if self.pca is not None:
-                space["pca_fingerprint"] = array_fingerprint(np.concatenate([self.pca[0], self.pca[1].ravel()]))
+            space = DescriptorSpace.of(
+                preset, getattr(model, "weights_id", None),
+                vocabulary=array_fingerprint(self.centers) if self.centers is not None else None,
+                pca=array_fingerprint(np.concatenate([self.pca[0], self.pca[1].ravel()])) if self.pca is not None else None,
+            ).to_dict()
         self.space = space
         self.identity = identity if identity is not None else {"network": "pytorch reference", "preset": preset.name}
 
@@ -92,11 +92,12 @@ class TorchTeacher:
     def from_preset(
         cls, preset, weights: str = "random", vocabulary=None, pca=None, seed: int = 0, device: str = "cpu", **kw
     ):
-        from vpr_edge.models.build import build_model
+        from vpr_edge.models.reference import build_reference
 
-        model = build_model(preset, weights, vocabulary=vocabulary, pca=pca, seed=seed)
-        ident = {"network": "pytorch reference", "preset": preset.name, "weights": str(weights), "seed": seed}
-        return cls(model, identity=kw.pop("identity", ident), device=device, **kw)
+        ref = build_reference(preset, weights, vocabulary=vocabulary, pca=pca, seed=seed)
+        kw.setdefault("space", ref.space().to_dict())
+        kw.setdefault("identity", ref.identity(precision="fp32", scope="backbone").to_dict())
+        return cls(ref.model, device=device, **kw)
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch

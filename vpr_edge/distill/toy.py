@@ -27,26 +27,27 @@ def toy_teacher(vocab_images: list[Path], name: str = TINY, seed: int = 0, pca_i
     """TorchTeacher for a tiny AnyLoc preset; its vocabulary is fitted on `vocab_images` (and its PCA,
     for PCA presets, on `pca_images` or the same images)."""
     from vpr_edge.distill.teacher import TorchTeacher
-    from vpr_edge.models.build import build_feature_model, build_model, describe_paths, iter_image_features
+    from vpr_edge.models.build import describe_paths, iter_image_features
+    from vpr_edge.models.reference import build_reference
     from vpr_edge.models.vocabulary import fit_vocabulary
 
     preset = presets.get(name)
-    vocab = pca = None
-    if preset.aggregator.kind == "vlad":
-        feats = build_feature_model(preset, "random", seed=seed)
+
+    def fit_vocab(backbone, weights_id):
         with _one_faiss_thread():
-            vocab = fit_vocabulary(
-                iter_image_features(feats, vocab_images, preset, progress=False), preset=preset, seed=seed,
-                niter=20, progress=False,
-            )
-    if preset.aggregator.pca_dim:
+            return fit_vocabulary(iter_image_features(backbone, vocab_images, preset, progress=False), preset=preset,
+                                  seed=seed, niter=20, progress=False, weights=weights_id)
+
+    def fit_pca(no_pca, weights_id, vocab):
         from vpr_edge.models.pca import fit_pca_whitening
 
-        base = build_model(preset.without_pca(), "random", vocabulary=vocab, seed=seed)
-        desc = describe_paths(base, pca_images or vocab_images, progress=False)
+        desc = describe_paths(no_pca, pca_images or vocab_images, progress=False)
         with _one_faiss_thread():
-            pca = fit_pca_whitening(desc, preset, vocabulary=vocab)
-    return TorchTeacher.from_preset(preset, "random", vocabulary=vocab, pca=pca, seed=seed)
+            return fit_pca_whitening(desc, preset, vocabulary=vocab, weights=weights_id)
+
+    ref = build_reference(preset, "random", seed=seed, fit_vocabulary=fit_vocab, fit_pca=fit_pca)
+    return TorchTeacher(ref.model, space=ref.space().to_dict(),
+                        identity=ref.identity(precision="fp32", scope="backbone").to_dict())
 
 
 class NumpyTeacher:
