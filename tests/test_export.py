@@ -46,6 +46,7 @@ def test_every_tiny_preset_exports_and_matches_pytorch(preset, scope, corridor, 
     for name, info in again.files.items():
         assert sha256_file(out / name) == info["sha256"]
     assert again.details["scope"] == scope
+    assert again.details["tensorrt_check"]["verdicts"] == {"10.3": "ok", "11": "ok"}  # the offline TensorRT check
     assert again.outputs[0]["name"] == ("descriptor" if scope == "descriptor" else "features")
     if scope == "descriptor":
         assert again.outputs[0]["shape"][-1] == preset.descriptor_dim

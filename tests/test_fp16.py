@@ -165,3 +165,21 @@ def test_real_tiny_export_meets_fp16_thresholds(corridor, tmp_path):
     assert result.verification["report"]["cos_mean"] >= 0.999
     reasons = result.details["fp16"]["fp32_reasons"]
     assert any("LayerNorm" in r for r in reasons) and any("QK^T" in r for r in reasons)
+
+
+def test_export_with_float16_io_runs_through_the_runtime(tmp_path, corridor):
+    """--io-dtype float16: the artifact takes and returns float16 (the emulation graph used to collide with the
+    graph's own `descriptor__fp32` tensor and ONNX Runtime refused it)."""
+    from vpr_edge import presets
+    from vpr_edge.export.artifact import ExportOptions, export_artifact
+    from vpr_edge.runtime.describer import Describer
+
+    out = tmp_path / "f16io"
+    m = export_artifact(presets.get("anyloc-dinov2").tiny(), out,
+                        options=ExportOptions(precision="fp16", io_dtype="float16", verify=corridor, verify_limit=12,
+                                              accept_fidelity=True, progress=False))
+    assert m.details["io_dtype"] == "float16" and m.inputs[0]["dtype"] == "float16"
+    assert set(m.verification["fp16"]["reports"]) == {"onnxruntime", "fp16_emulation"}
+    with Describer.from_artifact(out, threads=1) as d:
+        desc = d.describe(sorted((corridor / "queries").glob("*.jpg"))[:2])
+    assert desc.dtype == np.float32 and np.isfinite(desc).all()

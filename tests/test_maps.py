@@ -363,6 +363,7 @@ def test_map_from_before_reranking_loads_and_grows(tmp_path):
     old.add(x)
     map_index.save_index(old, m.folder / "index.faiss")
     m.details["index"] = {"type": "ivfpq", "nlist": 64, "nprobe": 8, "m": 32, "nbits": 6, "trained_on": n}
+    m.manifest.add_file(m.folder, "index.faiss", "index")  # what that runtime recorded for its own index file
     m.manifest.save(m.folder)
     loaded = Map.open(m.folder)
     index = loaded.index()

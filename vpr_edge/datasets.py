@@ -7,8 +7,8 @@ Layouts read by `load_dataset(root)`:
   also be the `images/test` folder itself); file names carry UTM as `@east@north@...`; positives
   are database images within 25 m of the query.
 - VPR-Bench: `query/`, `ref/` and `ground_truth_new.npy`, an object array of rows
-  `[query_index, [ref_indices]]` (indices into the numerically sorted file lists). It is a pickle:
-  only load ground truth you trust.
+  `[query_index, [ref_indices]]` (indices into the numerically sorted file lists). It is a pickle, read
+  by `safe_npy.load_npy`, which refuses any pickle that would call more than numpy's array rebuilders.
 
 Images are listed in natural order (numbers inside names compare as numbers), which is also
 VPR-Bench's `int(name)` order for its numeric names and plain sorting for zero-padded names.
@@ -178,10 +178,9 @@ def load_vpr_bench(root: str | Path) -> Dataset:
     gt = next((g for g in gts if g.exists()), None)
     if gt is None:
         raise InputError(f"{root}: VPR-Bench ground truth not found (looked for {', '.join(g.name for g in gts)})")
-    try:
-        arr = np.load(gt, allow_pickle=True)
-    except (OSError, ValueError, EOFError) as exc:  # pickle errors surface as these for a bad file
-        raise InputError(f"{gt}: unreadable ground truth ({exc})") from None
+    from vpr_edge.safe_npy import load_npy
+
+    arr = load_npy(gt)  # an object array, read without running code
     positives: list[np.ndarray | None] = [None] * len(qs)
     for row_no, row in enumerate(arr):
         try:

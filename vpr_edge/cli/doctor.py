@@ -27,6 +27,12 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--build-engine", action="store_true",
                    help="for an ONNX artifact: build a temporary engine here (TensorRT + GPU needed)")
     p.add_argument("--device", type=int, default=0, help="CUDA device index")
+    p.add_argument("--offline", action="store_true",
+                   help="only the static TensorRT check of the artifact's ONNX (TensorRT 10.3 / JetPack 6 and 11: "
+                        "operators, types, strongly typed rules, Q/DQ, shapes, external data): one line per problem, "
+                        "no backend runs, no GPU or TensorRT needed")
+    p.add_argument("--batch", type=int, default=None, metavar="N",
+                   help="--offline: the largest batch the engine will be built for (default: 8 for dynamic graphs)")
     p.set_defaults(func=_run)
     return p
 
@@ -45,6 +51,8 @@ def _run(args) -> int:
     if args.artifact is None:
         print("verdict: OK (environment only; pass an artifact folder to check it)")
         return 0
+    if args.offline:
+        return _offline(args)
     try:
         result = diagnose(args.artifact, images=args.images, limit=args.limit, repeat=args.repeat,
                           build=args.build_engine, device=args.device, weights=args.weights)
@@ -60,3 +68,25 @@ def _run(args) -> int:
         print(f"{'not compared':>22}: {name}: {why}")
     print(f"verdict: {result['verdict']}")
     return EXIT[result["verdict"].split(":")[0].split(" ")[0]]
+
+
+def _offline(args) -> int:
+    from pathlib import Path
+
+    from vpr_edge.artifact import load_artifact
+    from vpr_edge.engines.tensorrt.compat import check_onnx
+
+    art = load_artifact(args.artifact)
+    onnx_dir = args.artifact if art.kind == "onnx" else Path(art.manifest.details.get("onnx_artifact", ""))
+    onnx_art = art if art.kind == "onnx" else load_artifact(onnx_dir, kinds=("onnx",))
+    recorded = art.manifest.details.get("batch", "dynamic")
+    batches = (args.batch,) if args.batch else ((1, 8) if recorded == "dynamic" else (int(recorded),))
+    report = check_onnx(onnx_art.file("onnx"), batch_sizes=batches)
+    for line in report.lines():
+        print(line)
+    print(report.summary())
+    if report.ok:
+        print(f"verdict: OK: {report.summary()}")
+        return 0
+    print(f"verdict: FAIL: {len(report.errors())} TensorRT problem(s) ({report.summary()})")
+    return 3

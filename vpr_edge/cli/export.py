@@ -134,4 +134,8 @@ def _summary(out: Path, m) -> None:
         print(f"WARNING: outside the {prec} thresholds ({'; '.join(v[prec].get('failures', []))}); written because of --accept-fidelity")
     from vpr_edge.engines.tensorrt.build import engine_command
 
+    trt = m.details.get("tensorrt_check") or {}
+    verdicts = ", ".join(f"TensorRT {t}: {v}" for t, v in (trt.get("verdicts") or {}).items())
+    print(f"offline TensorRT check: {verdicts or 'not run'}" + ("" if trt.get("ok", True) else
+          f" (`vpr-edge doctor {out} --offline` lists the problems)"))
     print(f"TensorRT engine (on the Jetson/GPU machine): {engine_command(out)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from vpr_edge.cli import options as O
@@ -132,15 +133,26 @@ def _query(args) -> int:
         rerank=args.rerank,
         **O.describer_kwargs(args),
     )
+    failed = [r for r in results if "error" in r]
+    for r in failed:  # reported, and the exit status says so; the other queries are answered
+        print(f"vpr-edge: error: {shown(r['error'])}", file=sys.stderr)
     if args.json:
-        print(json.dumps(results, indent=2))
-        return 0
+        print(json.dumps(results, indent=2))  # ensure_ascii: undecodable file names come out escaped
+        return 1 if failed else 0
     for r in results:
-        print(r["query"])
+        if "error" in r:
+            continue
+        print(shown(r["query"]))
         for hit in r["results"]:
             utm = f"  utm {hit['utm'][0]:.1f},{hit['utm'][1]:.1f}" if hit.get("utm") else ""
-            print(f"  {hit['rank']:>3}  {hit['score']:.4f}  {hit['file']}{utm}")
-    return 0
+            print(f"  {hit['rank']:>3}  {hit['score']:.4f}  {shown(hit['file'])}{utm}")
+    return 1 if failed else 0
+
+
+def shown(text: str) -> str:
+    """A path as the terminal can print it: bytes that are not UTF-8 (kept by Python as surrogates) become
+    replacement characters instead of crashing the output."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _info(args) -> int:

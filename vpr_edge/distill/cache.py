@@ -601,7 +601,7 @@ def open_cache(
                 f"{path} is an unfinished teacher cache build (no {MANIFEST}); re-run the same cache build to resume it"
             )
         raise ArtifactError(f"{man} not found: {path} is not a teacher cache; build one with distill.cache.build_cache")
-    manifest = _read_json(man, KIND, f"rebuild the cache into another folder")
+    manifest = _read_json(man, KIND, "rebuild the cache into another folder")
     if not manifest.get("complete"):
         raise ArtifactError(f"{man} says the cache is incomplete; re-run the cache build to finish it")
     if expect_space is not None:

@@ -262,6 +262,7 @@ def export_artifact(
             details.update(lowered.details)
             _remove_graph(onnx_path)
             final_onnx = tmp / "model.onnx"
+        details["tensorrt_check"] = steps.run("TensorRT compatibility (offline)", _tensorrt_check, final_onnx, options)
         details.update({"timings_s": steps.times, "peak_rss_gib": steps.peak_rss_gib})
         manifest = writer.write(final_onnx, options.precision, details, verification, final=True)
     return manifest
@@ -300,6 +301,17 @@ def _lower(preset: Preset, tmp: Path, fp32_path: Path, side, options: ExportOpti
     if calib_info:
         res.details["calibration_set"] = calib_info
     return res
+
+
+def _tensorrt_check(onnx_path: Path, options: ExportOptions) -> dict:
+    """The offline check of the graph against TensorRT 10.3 (JetPack 6) and 11 (`engines.tensorrt.compat`),
+    recorded in the manifest; problems are warned about, not fatal (the ONNX itself is verified and usable)."""
+    from vpr_edge.engines.tensorrt.compat import check_onnx
+
+    report = check_onnx(onnx_path, batch_sizes=(options.batch,) if options.batch else (1, 8))
+    for line in report.lines():
+        log.warning("TensorRT check: %s", line)
+    return report.to_dict()
 
 
 def _remove_graph(path: Path) -> None:

@@ -129,13 +129,43 @@ def torch_side(
     )
 
 
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: a worker whose parent was killed exits instead of blocking on its pipe and later
+    writing into the parent's partial folder. Linux: the kernel sends SIGKILL when the parent dies
+    (prctl PR_SET_PDEATHSIG); elsewhere a thread polls the parent's pid."""
+    import ctypes
+    import os
+    import signal
+    import threading
+    import time
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # died before the prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def torch_side_in_worker(preset: Preset, weights: str, vocabulary, pca, options, seed: int, onnx_path: Path) -> TorchSide:
-    """`torch_side` in a spawned process (a fresh interpreter: no fork of a process holding threads)."""
+    """`torch_side` in a spawned process (a fresh interpreter: no fork of a process holding threads) that
+    dies with its parent."""
     import multiprocessing as mp
+    import os
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), initializer=_die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         try:
             return pool.submit(torch_side, preset, weights, vocabulary, pca, options, seed, onnx_path).result()
         except BrokenProcessPool as exc:

@@ -32,6 +32,19 @@ def check_precision(art: Artifact) -> None:
         raise ArtifactError(f"{art.folder}: io_dtype {art.io_dtype!r} is not one {art.precision} artifacts declare ({allowed})")
 
 
+def row_problems(desc: np.ndarray) -> list[str | None]:
+    """Per descriptor row, why it cannot be trusted (NaN/inf values, zero norm), else None."""
+    out: list[str | None] = []
+    for row in np.asarray(desc):
+        if not np.isfinite(row).all():
+            out.append(f"{int((~np.isfinite(row)).sum())} NaN/inf values")
+        elif not np.any(row):
+            out.append("zero norm")
+        else:
+            out.append(None)
+    return out
+
+
 class Describer:
     """`Describer.from_artifact(path).describe(images)` -> float32 [n, dim] descriptors."""
 

@@ -34,13 +34,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from vpr_edge.atomic import atomic_file
+from vpr_edge.atomic import atomic_file, check_disk
 from vpr_edge.datasets import collect_images, parse_utm
 from vpr_edge.errors import ArtifactError, ConfigError, InputError
-from vpr_edge.integrity import sha256_file
+from vpr_edge.integrity import file_sha256, sha256_file
 from vpr_edge.manifest import MANIFEST_NAME, Manifest, package_versions
 from vpr_edge.space import Identity, require_same
 from vpr_edge.runtime import map_index
+from vpr_edge.runtime.describer import row_problems
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,10 @@ def writer_lock(folder: Path):
         return
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    path = folder.parent / f".{folder.name}.lock"
+    # keyed on what the path really is: a map reached through a symlink or `..` takes the same lock
+    real = Path(os.path.realpath(folder))
+    real.parent.mkdir(parents=True, exist_ok=True)
+    path = real.parent / f".{real.name}.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -88,6 +92,7 @@ class Chunk:
     files: list[str]
     utm: list[list[float] | None]
     failed: list[dict]
+    sha256: str | None = None  # of the chunk's .npy, recorded when it is committed
 
 
 class ChunkStore:
@@ -103,7 +108,8 @@ class ChunkStore:
         for meta_path in sorted(self.dir.glob("[0-9]*.json")):
             try:
                 meta = json.loads(meta_path.read_text())
-                out.append(Chunk(int(meta["id"]), list(meta["files"]), list(meta["utm"]), list(meta["failed"])))
+                out.append(Chunk(int(meta["id"]), list(meta["files"]), list(meta["utm"]), list(meta["failed"]),
+                                 meta.get("sha256")))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 raise ArtifactError(
                     f"{meta_path}: corrupt chunk record ({exc}); delete it and its .npy to re-encode that chunk"
@@ -116,20 +122,30 @@ class ChunkStore:
 
     def commit(self, chunk: Chunk, descriptors: np.ndarray) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self.dir / f"{chunk.id:06d}.npy", "wb") as fh:
+        npy = self.dir / f"{chunk.id:06d}.npy"
+        with atomic_file(npy, "wb") as fh:
             np.save(fh, np.ascontiguousarray(descriptors, dtype=np.float32))
+        chunk.sha256 = file_sha256(npy)
         meta = {
             "id": chunk.id,
             "count": len(chunk.files),
             "files": chunk.files,
             "utm": chunk.utm,
             "failed": chunk.failed,
+            "sha256": chunk.sha256,
         }
         with atomic_file(self.dir / f"{chunk.id:06d}.json", "w") as fh:
             json.dump(meta, fh)
 
     def load(self, chunk: Chunk) -> np.ndarray:
         path = self.dir / f"{chunk.id:06d}.npy"
+        if not path.is_file():
+            raise ArtifactError(f"{path}: descriptor chunk missing; delete {path.with_suffix('.json').name} to re-encode it")
+        if chunk.sha256 and file_sha256(path) != chunk.sha256:
+            raise ArtifactError(
+                f"{path}: does not match the sha256 its chunk record holds (replaced or corrupted); delete it and its "
+                ".json, then rerun the command to re-encode that chunk"
+            )
         try:
             arr = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
@@ -151,7 +167,11 @@ class Map:
         self.store = ChunkStore(self.folder)
 
     @classmethod
-    def open(cls, folder: str | Path, require_complete: bool = True) -> "Map":
+    def open(cls, folder: str | Path, require_complete: bool = True, verify: bool = True) -> "Map":
+        """Open a map; a complete one has its index and image list checked against the manifest (sizes and
+        sha256, remembered per file) and its chunks against the recorded list. verify=False: sizes only."""
+        from vpr_edge.artifact import verify_files
+
         folder = Path(folder)
         if not (folder / MANIFEST_NAME).exists():
             raise ArtifactError(f"{folder}: not a map (no {MANIFEST_NAME}); build one with `vpr-edge map build`")
@@ -160,10 +180,30 @@ class Map:
             raise ArtifactError(f"{folder}: manifest kind is {man.kind!r}, expected 'map'")
         m = cls(folder, man)
         if require_complete and not m.complete:
+            pending = m.details.get("pending", "build")
             raise ArtifactError(
-                f"{folder}: map build did not finish; rerun the same `vpr-edge map build` command to resume it"
+                f"{folder}: the last `vpr-edge map {pending}` of this map did not finish; rerun that same command to "
+                "resume it"
             )
+        if m.complete:
+            verify_files(man, folder, hashes=verify)
+            m.check_chunks()
         return m
+
+    def check_chunks(self) -> None:
+        """Every chunk the finished map recorded is still committed (a deleted chunk is noticed)."""
+        recorded = self.details.get("chunks")
+        if recorded is None:  # maps written before chunk lists were recorded
+            return
+        have = {c.id: c for c in self.store.committed()}
+        for rec in recorded:
+            c = have.get(rec["id"])
+            if c is None or len(c.files) != rec["count"] or (rec.get("sha256") and c.sha256 != rec["sha256"]):
+                name = self.store.dir / f"{rec['id']:06d}.json"
+                raise ArtifactError(
+                    f"{name}: chunk {rec['id']:06d} of the finished map is missing or was replaced; rebuild the map "
+                    "(`vpr-edge map build --force`) or restore the chunk"
+                )
 
     @property
     def details(self) -> dict:
@@ -189,8 +229,18 @@ class Map:
         path = self.folder / IMAGES
         if not path.exists():
             raise ArtifactError(f"{path} is missing; rerun `vpr-edge map build` to finish the map")
+        out = []
         with path.open() as fh:
-            return [json.loads(line) for line in fh if line.strip()]
+            for n, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise ArtifactError(f"{path}:{n}: not a JSON line (truncated?); rebuild the map") from None
+        if len(out) != int(self.details.get("count", len(out))):
+            raise ArtifactError(f"{path}: {len(out)} entries, the map holds {self.details.get('count')}; rebuild the map")
+        return out
 
     def descriptors(self) -> np.ndarray:
         chunks = self.store.committed()
@@ -282,15 +332,15 @@ def _encode(
     chunk_size: int,
     progress: bool,
     on_commit: OnCommit | None,
-) -> int:
-    """Encode the images not yet committed, chunk by chunk. Returns how many were encoded."""
+) -> list[str]:
+    """Encode the images not yet committed, chunk by chunk. Returns the paths encoded by this call."""
     chunks = m.store.committed()
     done = {f for c in chunks for f in c.files}
     if not retry_failed:
         done |= {f["path"] for c in chunks for f in c.failed}
     pending = [p for p in images if str(p) not in done]
     if not pending:
-        return 0
+        return []
     want_utm = m.details.get("metadata") == "utm"
     next_id = chunks[-1].id + 1 if chunks else 0
     committed = len(done)
@@ -299,31 +349,38 @@ def _encode(
         from tqdm import tqdm
 
         bar = tqdm(total=len(images), initial=len(images) - len(pending), unit="img", desc=f"map {m.folder.name}")
-    encoded = 0
+    encoded: list[str] = []
     try:
         for start in range(0, len(pending), chunk_size):
             part = pending[start : start + chunk_size]
             chunk = Chunk(next_id, [], [], [])
             descs = []
             for b in range(0, len(part), batch):
-                xs = []
+                xs, read = [], []
                 for p in part[b : b + batch]:
                     try:
                         xs.append(describer.preprocess(p))
+                        read.append(p)
                     except InputError as exc:
                         log.warning("skipping unreadable image: %s", exc)
                         chunk.failed.append({"path": str(p), "error": str(exc)})
-                        continue
-                    chunk.files.append(str(p))
-                    utm = parse_utm(p.name) if want_utm else None
-                    chunk.utm.append(list(utm) if utm else None)
                 if xs:
-                    descs.append(describer.forward(np.stack(xs)))
+                    out = describer.forward(np.stack(xs))
+                    for p, row, problem in zip(read, out, row_problems(out)):
+                        if problem:  # stored, it would never be returned (NaN) or would match everything
+                            msg = f"{p}: its descriptor has {problem}; the model or its vocabulary/PCA is broken for this image"
+                            log.warning("skipping image: %s", msg)
+                            chunk.failed.append({"path": str(p), "error": msg})
+                            continue
+                        chunk.files.append(str(p))
+                        utm = parse_utm(p.name) if want_utm else None
+                        chunk.utm.append(list(utm) if utm else None)
+                        descs.append(row[None])
                 if bar is not None:
                     bar.update(len(part[b : b + batch]))
             arr = np.concatenate(descs) if descs else np.zeros((0, describer.dim), dtype=np.float32)
             m.store.commit(chunk, arr)
-            encoded += len(chunk.files)
+            encoded += chunk.files
             committed += len(part)
             next_id += 1
             if on_commit is not None:
@@ -345,8 +402,9 @@ def _rows_from(m: Map, chunks: list[Chunk], start: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, int(m.details.get("dim", 0))), dtype=np.float32)
 
 
-def _finalize(m: Map) -> Map:
-    """Index + images.jsonl + report from all committed chunks; mark the map complete."""
+def _finalize(m: Map, encoded: Sequence[str] = ()) -> Map:
+    """Index + images.jsonl + report from all committed chunks; mark the map complete. Every path in
+    `encoded` (what this call reports as added) must be in the final map."""
     chunks = m.store.committed()
     entries, encoded = [], set()
     for c in chunks:
@@ -358,13 +416,18 @@ def _finalize(m: Map) -> Map:
     if failed:
         with atomic_file(report, "w") as fh:
             fh.write("path\terror\n")
-            for path, err in failed.items():
-                fh.write(f"{path}\t{err}\n")
+            for path, err in failed.items():  # a name that is not UTF-8 is written with replacement characters
+                line = f"{path}\t{err}\n"
+                fh.write(line.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
         log.warning("%d unreadable images were skipped; see %s", len(failed), report)
     elif report.exists():
         report.unlink()
     if not entries:
         raise InputError(f"map {m.folder}: no image could be encoded; see {report}")
+    lost = [f for f in encoded if f not in {e["path"] for e in entries}]
+    if lost:  # never report success for rows that are not in the map
+        raise ArtifactError(f"map {m.folder}: {len(lost)} images encoded by this run are not in its chunks (e.g. "
+                            f"{lost[0]}); another writer changed the map: rerun the command")
     with atomic_file(m.folder / IMAGES, "w") as fh:
         for e in entries:
             fh.write(json.dumps(e) + "\n")
@@ -389,7 +452,9 @@ def _finalize(m: Map) -> Map:
         params["trained_on"] = len(descs)
         m.details["index"] = params
     map_index.save_index(index, index_path)
-    m.details.update({"complete": True, "count": len(entries), "dim": int(index.d), "failed": len(failed)})
+    m.details.update({"complete": True, "count": len(entries), "dim": int(index.d), "failed": len(failed),
+                      "chunks": [{"id": c.id, "count": len(c.files), "sha256": c.sha256} for c in chunks]})
+    m.details.pop("pending", None)
     m.manifest.files = {}
     m.manifest.add_file(m.folder, INDEX, "index")
     m.manifest.add_file(m.folder, IMAGES, "images")
@@ -456,6 +521,10 @@ def _build(out, paths, describer, artifact, batch, index, metadata, chunk_size, 
             raise ArtifactError(
                 f"{out} is a finished map; add images with `vpr-edge map add {out} IMAGES` or pass --force to rebuild"
             )
+        elif existing.details.get("pending") == "add":
+            raise ArtifactError(
+                f"{out}: the last `vpr-edge map add` of this map did not finish; rerun that command to resume it"
+            )
         else:
             _space_refusal(existing.manifest, art.manifest, out, artifact)
             _identity_refusal(existing, art.manifest, artifact)
@@ -468,9 +537,16 @@ def _build(out, paths, describer, artifact, batch, index, metadata, chunk_size, 
             log.info("resuming the unfinished map build in %s", out)
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ArtifactError(f"{out} exists and is not a map; choose another --output")
+    # an index the map's size cannot train is refused now, not after encoding every image
+    options = {k: v for k, v in index.items() if k in map_index.OPTION_KEYS}
+    map_index.index_params(index["type"], len(paths), describer.dim, **options)
+    # chunks + index + image list: about twice the float32 descriptors
+    check_disk(out.parent, 2 * 4 * describer.dim * len(paths) + (1 << 20))
     if not (out / MANIFEST_NAME).exists():
         out.mkdir(parents=True, exist_ok=True)
-        _map_manifest(art, describer, index, metadata, chunk_size).save(out)
+        man = _map_manifest(art, describer, index, metadata, chunk_size)
+        man.details["pending"] = "build"
+        man.save(out)
     m = Map.open(out, require_complete=False)
     current = m.details.get("index", {})
     if any(current.get(k) != v for k, v in index.items()):  # resumed with other options
@@ -478,17 +554,17 @@ def _build(out, paths, describer, artifact, batch, index, metadata, chunk_size, 
             current.pop("trained_on", None)  # another re-rank store: build the index anew
         m.details["index"] = {**current, **index}
         m.manifest.save(m.folder)
-    _encode(
+    encoded = _encode(
         m,
         describer,
         paths,
-        retry_failed=False,
+        retry_failed=True,  # an image fixed since the last run is tried again
         batch=batch,
         chunk_size=chunk_size,
         progress=progress,
         on_commit=on_commit,
     )
-    return _finalize(m)
+    return _finalize(m, encoded)
 
 
 def add_to_map(
@@ -520,11 +596,17 @@ def add_to_map(
 
 
 def _add(m: Map, describer, source, paths, batch: int, progress: bool, on_commit) -> tuple[Map, int]:
+    if not m.complete and m.details.get("pending", "build") == "build":
+        raise ArtifactError(
+            f"{m.folder}: its `vpr-edge map build` did not finish; rerun that build command to resume it before "
+            "adding images (an add would mark the unfinished build complete)"
+        )
     _space_refusal(m.manifest, describer.artifact.manifest, m.folder, str(source))
     _identity_refusal(m, describer.artifact.manifest, str(source))
     m.details["complete"] = False  # an interrupted add leaves the map visibly unfinished
+    m.details["pending"] = "add"
     m.manifest.save(m.folder)
-    n = _encode(
+    encoded = _encode(
         m,
         describer,
         paths,
@@ -534,7 +616,7 @@ def _add(m: Map, describer, source, paths, batch: int, progress: bool, on_commit
         progress=progress,
         on_commit=on_commit,
     )
-    return _finalize(m), n
+    return _finalize(m, encoded), len(encoded)
 
 
 def query_map(
@@ -549,7 +631,9 @@ def query_map(
     rerank: int | None = None,
     **describer_kwargs,
 ) -> list[dict]:
-    """Top-k map images for each query image: [{"query", "results": [{"rank", "file", "score", "id", "utm"}]}].
+    """Top-k map images for each query image: [{"query", "results": [{"rank", "file", "score", "id", "utm"}]}];
+    a query image that cannot be read, or whose descriptor cannot be trusted (NaN/inf, zero), gets
+    {"query", "error"} instead, and the others are answered.
 
     nprobe / rerank override the map's recorded search settings for this query only.
     """
@@ -557,25 +641,49 @@ def query_map(
 
     if top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {top_k}")
-    m = Map.open(map_folder)
+    m = Map.open(map_folder, verify=describer_kwargs.get("verify", True))
     index = m.index(nprobe=nprobe, rerank=rerank)  # bad settings fail before the model loads
     source = m.artifact_path(artifact)
     own = describer is None
     describer = describer or Describer.from_artifact(source, **describer_kwargs)
+    paths = [Path(p) for p in images]
+    errors: dict[int, str] = {}
+    rows: dict[int, np.ndarray] = {}
     try:
         _space_refusal(m.manifest, describer.artifact.manifest, m.folder, str(source))
-        paths = [Path(p) for p in images]
-        q = describer.describe(paths, batch=batch)
+        for start in range(0, len(paths), batch):
+            xs, idx = [], []
+            for i in range(start, min(start + batch, len(paths))):
+                try:
+                    xs.append(describer.preprocess(paths[i]))
+                    idx.append(i)
+                except InputError as exc:
+                    errors[i] = str(exc)
+            if xs:
+                out = describer.forward(np.stack(xs))
+                for i, row, problem in zip(idx, out, row_problems(out)):
+                    if problem:
+                        errors[i] = f"{paths[i]}: its descriptor has {problem}; the model cannot place this image"
+                    else:
+                        rows[i] = row
     finally:
         if own:
             describer.close()
     entries = m.entries()
-    scores, ids = map_index.search(index, q, top_k)
-    out = []
-    for path, srow, irow in zip(paths, scores, ids):
+    found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    if rows:
+        order = sorted(rows)
+        scores, ids = map_index.search(index, np.stack([rows[i] for i in order]), top_k)
+        found = {i: (s, d) for i, s, d in zip(order, scores, ids)}
+    results_out = []
+    for i, path in enumerate(paths):
+        if i in errors:
+            results_out.append({"query": str(path), "error": errors[i]})
+            continue
+        srow, irow = found[i]
         results = []
-        for rank, (s, i) in enumerate(((s, i) for s, i in zip(srow, irow) if i >= 0), start=1):
-            e = entries[int(i)]
-            results.append({"rank": rank, "file": e["path"], "score": float(s), "id": int(i), "utm": e.get("utm")})
-        out.append({"query": str(path), "results": results})
-    return out
+        for rank, (s, j) in enumerate(((s, j) for s, j in zip(srow, irow) if j >= 0), start=1):
+            e = entries[int(j)]
+            results.append({"rank": rank, "file": e["path"], "score": float(s), "id": int(j), "utm": e.get("utm")})
+        results_out.append({"query": str(path), "results": results})
+    return results_out

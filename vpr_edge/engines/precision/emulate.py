@@ -40,6 +40,16 @@ def fp16_emulation_graph(fp16_onnx: str | Path):
             vi.type.tensor_type.elem_type = G.FLOAT
     del g.value_info[:]
 
+    taken = {t for n in g.node for t in [*n.input, *n.output] if t} | {i.name for i in g.initializer}
+
+    def fresh(base: str) -> str:
+        """A tensor name not in the graph (an FP16-I/O graph already holds `descriptor__fp32`)."""
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        return name
+
     new_nodes = []
     for node in g.node:
         if node.op_type == "Constant":
@@ -60,10 +70,10 @@ def fp16_emulation_graph(fp16_onnx: str | Path):
         new_nodes.append(node)
         for i in rounded:
             t = node.output[i]
-            pre = f"{t}__fp32"
+            pre, half = fresh(f"{t}__emulated_fp32"), fresh(f"{t}__emulated_fp16")
             node.output[i] = pre
-            new_nodes.append(helper.make_node("Cast", [pre], [f"{t}__fp16"], to=G.FLOAT16, name=f"emulate16_{t}"))
-            new_nodes.append(helper.make_node("Cast", [f"{t}__fp16"], [t], to=G.FLOAT, name=f"emulate32_{t}"))
+            new_nodes.append(helper.make_node("Cast", [pre], [half], to=G.FLOAT16, name=f"emulate16_{t}"))
+            new_nodes.append(helper.make_node("Cast", [half], [t], to=G.FLOAT, name=f"emulate32_{t}"))
     del g.node[:]
     g.node.extend(new_nodes)
     return model

@@ -173,6 +173,7 @@ class CompatReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
+            "ok": self.ok,
             "verdicts": {t: self.verdict(t) for t in self.targets},
             "errors": {t: len(self.errors(t)) for t in self.targets},
             "warnings": {t: len(self.warnings(t)) for t in self.targets},
