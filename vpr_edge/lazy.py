@@ -21,7 +21,6 @@ _EXTRA = {
     "tensorrt": "tensorrt",
     "cuda": "tensorrt",
     "pycuda": "tensorrt",
-    "polygraphy": "export",
     "matplotlib": "bench",
     "psutil": "runtime",
 }

@@ -66,6 +66,10 @@ def _run(args) -> int:
               f"non-finite {rep['nonfinite']} ({rep['gate']} gate)")
     for name, why in result["not_compared"].items():
         print(f"{'not compared':>22}: {name}: {why}")
+    if any("tensorrt" in name and rep["failures"] for name, rep in result["comparisons"].items()):
+        # Polygraphy (NVIDIA's, pip install polygraphy) bisects which layer's precision breaks an engine
+        print(f"{'to bisect':>22}: polygraphy run {result.get('onnx', 'model.onnx')} --trt --onnxrt --atol 1e-3 --rtol 1e-3 "
+              "--check-error-stat median; polygraphy debug precision ... narrows it to layers")
     print(f"verdict: {result['verdict']}")
     return EXIT[result["verdict"].split(":")[0].split(" ")[0]]
 

@@ -71,6 +71,7 @@ def diagnose(artifact: Path, *, images: Path | None = None, limit: int = 16, rep
 
     onnx_dir = artifact if art.kind == "onnx" else Path(art.manifest.details.get("onnx_artifact", ""))
     if art.kind == "onnx" or (onnx_dir != Path("") and (onnx_dir / "manifest.json").exists()):
+        result["onnx"] = str(load_artifact(onnx_dir, kinds=("onnx",)).file("onnx"))
         run("onnxruntime", onnx_dir, "ort")
     else:
         result["not_compared"]["onnxruntime"] = f"the ONNX artifact the engine was built from ({onnx_dir}) is not here"
