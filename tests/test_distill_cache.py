@@ -71,9 +71,14 @@ def _files(folder: Path) -> dict[str, tuple[int, str]]:
 
 def test_cache_holds_every_view_as_the_teacher_computed_it(built, teacher, imgs):
     c = open_cache(built, expect_space=teacher.space)
-    m = json.loads((built / MANIFEST).read_text())
+    top = json.loads((built / MANIFEST).read_text())
+    assert (top["format"], top["kind"]) == ("vpr-edge-manifest", "teacher-cache")  # the one manifest format
+    assert top["space"] == teacher.space and top["identity"] == teacher.identity
+    m = top["details"]
     assert (m["format"], m["format_version"], m["kind"]) == ("vpr-edge-teacher-cache", 1, "teacher-cache")
     assert m["teacher"]["identity"] == teacher.identity and m["views"]["count"] == 2
+    for name, info in top["files"].items():  # every file of the cache is listed with its sha256
+        assert sha256_file(built / name) == info["sha256"]
     assert len(c) == 12 and c.items.tolist() == [[i, v] for i in range(6) for v in range(2)]
     assert [s["items"] for s in m["shard_list"]] == [4, 4, 4]
     for s in m["shard_list"]:  # sizes and hashes in the manifest are those of the files
@@ -175,8 +180,8 @@ def test_a_killed_build_resumes(tmp_path, imgs):
 
 
 def test_refusals(tmp_path, built, teacher, imgs):
-    with pytest.raises(ArtifactError, match=r"another descriptor space than expected \(layer differ\)"):
-        open_cache(built, expect_space=teacher.space | {"layer": 3})
+    with pytest.raises(ArtifactError, match=r"teacher cache .* and the expected teacher are in different descriptor spaces \(weights"):
+        open_cache(built, expect_space=teacher.space | {"weights": "random:seed=9"})
     bad = tmp_path / "bad"
     shutil.copytree(built, bad)
     feat = bad / SHARDS / "00001.features.npy"
@@ -191,9 +196,10 @@ def test_refusals(tmp_path, built, teacher, imgs):
     with pytest.raises(ArtifactError, match=rf"{feat} does not match its recorded sha256"):
         open_cache(bad)
     man = json.loads((built / MANIFEST).read_text())
-    for change, msg in (({"kind": "teacher-cache-shard"}, "expected 'teacher-cache'"),
-                        ({"format_version": 2}, "upgrade vpr-edge"),
-                        ({"format": "vpr-edge-manifest"}, "not a vpr-edge teacher cache file")):
+    for change, msg in (({"kind": "map"}, "'map' manifest, not a teacher cache"),
+                        ({"format_version": 3}, "upgrade vpr-edge"),
+                        ({"format": "something"}, "is not a vpr-edge manifest"),
+                        ({"details": {**man["details"], "format_version": 2}}, "records of format")):
         (bad / MANIFEST).write_text(json.dumps(man | change))
         with pytest.raises(ArtifactError, match=msg):
             open_cache(bad)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vpr_edge.distill.losses import LossConfig, distill_losses, vlad_with_assignments
-from vpr_edge.distill.student import build_head
+from vpr_edge.models.student import build_head
 from vpr_edge.errors import ConfigError
 
 K, D, N, B = 4, 16, 30, 5

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vpr_edge import presets
-from vpr_edge.distill.student import StudentConfig, align_tokens, build_head, build_student, check_grids
+from vpr_edge.models.student import StudentConfig, align_tokens, build_head, build_student, check_grids
 from vpr_edge.errors import ConfigError, WeightsError
 from vpr_edge.models import weights as W
 

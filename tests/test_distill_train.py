@@ -21,10 +21,10 @@ from vpr_edge.distill.cache import build_cache, open_cache
 from vpr_edge.distill.config import TrainConfig
 from vpr_edge.distill.data import RenderedItems
 from vpr_edge.distill.evaluate import evaluate
-from vpr_edge.distill.student import StudentConfig
+from vpr_edge.models.student import StudentConfig
 from vpr_edge.distill.toy import toy_teacher
 from vpr_edge.distill.train import load_student, train
-from vpr_edge.distill.train_main import main as train_main
+from vpr_edge.cli.main import main as cli_main
 from vpr_edge.errors import ArtifactError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,12 +141,12 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, cache6):
     cfg = _tiny(steps=30, checkpoint_every=3)
     full = tmp_path / "full"
     train(cfg, cache6, full, progress=False)
-    # a preempted run: SIGTERM to train_main stops it after the current step, with a checkpoint
+    # a preempted run: SIGTERM to `vpr-edge distill train` stops it after the current step, with a checkpoint
     part = tmp_path / "part"
     (tmp_path / "run.json").write_text(json.dumps(cfg.to_dict()))
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "vpr_edge.distill.train_main", "--config", str(tmp_path / "run.json"),
-           "--cache", str(cache6), "--run-dir", str(part), "--threads", "1", "--quiet"]
+    cmd = [sys.executable, "-m", "vpr_edge.cli.main", "distill", "train", "--config", str(tmp_path / "run.json"),
+           "--cache", str(cache6), "--output", str(part), "--threads", "1", "--quiet"]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -192,7 +192,7 @@ def test_bad_runs_are_refused_before_anything_is_written(tmp_path, cache6):
     assert not run.exists()
     bad = tmp_path / "run.json"
     bad.write_text(json.dumps(_tiny().to_dict() | {"learning_rate": 1}))
-    assert train_main(["--config", str(bad), "--cache", str(cache6), "--run-dir", str(run), "--quiet"]) == 2
+    assert cli_main(["distill", "train", "--config", str(bad), "--cache", str(cache6), "--output", str(run), "--quiet"]) == 2
     with pytest.raises(ConfigError, match=rf"{bad}: unknown fields \['learning_rate'\]"):
         TrainConfig.load(bad)
 
@@ -208,8 +208,8 @@ def test_two_processes_follow_one_at_the_same_global_batch(tmp_path, cache6):
     (tmp_path / "run.json").write_text(json.dumps(cfg.to_dict()))
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "vpr_edge.distill.train_main", "--config", str(tmp_path / "run.json"), "--cache", str(cache6),
-           "--run-dir", str(tmp_path / "ddp"), "--device", "cpu", "--threads", "1", "--quiet"]
+           "-m", "vpr_edge.cli.main", "distill", "train", "--config", str(tmp_path / "run.json"), "--cache", str(cache6),
+           "--output", str(tmp_path / "ddp"), "--device", "cpu", "--threads", "1", "--quiet"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     train(cfg, cache6, tmp_path / "one", progress=False, device="cpu")

@@ -73,6 +73,7 @@ class Facet:
     facet: str  # 'query' | 'key' | 'value' | 'token'
     layout: str = "head_major"  # DINOv2 path slices qkv; AnyLoc's DINO v1 path is 'dim_major'
     l2: bool = True  # per-patch L2 normalisation
+    proj_dim: int = 0  # features projected to this width (a distilled student's learned projection); 0: none
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ class Preprocess:
 @dataclass(frozen=True)
 class Preset:
     name: str
-    method: str  # 'anyloc' | 'boq'
+    method: str  # 'anyloc' | 'boq' | 'student' (models.student.student_preset; not in the registry)
     summary: str
     backbone: Backbone
     aggregator: Aggregator
@@ -170,6 +171,8 @@ class Preset:
     # -- derived ----------------------------------------------------------------------------
     @property
     def feature_dim(self) -> int:
+        if self.facet is not None and self.facet.proj_dim:
+            return self.facet.proj_dim
         return self.backbone.out_channels
 
     @property

@@ -63,6 +63,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
+    from vpr_edge.errors import ConfigError
     from vpr_edge.export.artifact import ExportOptions, export_artifact
 
     preset = O.resolve_preset(args)
@@ -83,9 +84,15 @@ def _run(args) -> int:
         progress=not args.quiet,
         torch_worker=args.torch_worker,
     )
-    out = args.output or Path("artifacts") / f"{preset.name.replace('@', '-')}-{args.precision}-{args.scope}"
+    weights = args.weights
+    if preset.method == "student":  # its weights, vocabulary and PCA are the run's
+        weights = str(args.model).removeprefix("student:")
+        if args.vocabulary or args.pca or args.weights not in ("auto", weights):
+            raise ConfigError("--weights/--vocabulary/--pca do not apply to a student: they come from its run folder")
+    name = preset.name.replace("@", "-").replace(":", "-")
+    out = args.output or Path("artifacts") / f"{name}-{args.precision}-{args.scope}"
     manifest = export_artifact(
-        preset, out, weights=args.weights, vocabulary=args.vocabulary, pca=args.pca, options=opts,
+        preset, out, weights=weights, vocabulary=args.vocabulary, pca=args.pca, options=opts,
         force=args.force, seed=args.seed,
     )
     if args.json:

@@ -40,7 +40,8 @@ def add_model(p: argparse.ArgumentParser, *, required: bool = True) -> None:
         "--model",
         required=required,
         metavar="PRESET",
-        help="preset name (see `vpr-edge presets`); append @tiny for the toy-size configuration",
+        help="preset name (see `vpr-edge presets`; append @tiny for the toy-size configuration), or "
+        "student:RUN_DIR for a student distilled with `vpr-edge distill train`",
     )
     g.add_argument(
         "--weights",
@@ -77,6 +78,10 @@ def resolve_preset(args: argparse.Namespace) -> presets.Preset:
     """The frozen preset named by --model with --image-size/--layer/--facet applied."""
     if not getattr(args, "model", None):
         raise ConfigError(f"--model is required; choose one of: {', '.join(presets.names())}")
+    if str(args.model).startswith("student:"):  # a distilled student: student:RUN_DIR
+        from vpr_edge.models.student import student_preset
+
+        return student_preset(str(args.model).removeprefix("student:"))
     p = presets.get(args.model)
     return p.with_overrides(
         image_size=getattr(args, "image_size", None),

@@ -2,11 +2,12 @@
 
 Layout of a cache folder:
 
-    cache.json                 the manifest, written last (its presence = the cache is complete):
-                               format / format_version / kind header, the build plan (teacher space,
-                               identity, preprocessing, head, views and their config, image list
-                               with byte sizes and sha256, shard size, array layout) and the shard
-                               list (items, files with bytes and sha256), skipped images
+    manifest.json              the vpr-edge manifest (kind 'teacher-cache', `vpr_edge.manifest`), written
+                               last (its presence = the cache is complete): the teacher's descriptor
+                               space and identity, every file with role, bytes and sha256, and in
+                               `details` the build plan (preprocessing, head, views and their config,
+                               image list with byte sizes and sha256, shard size, array layout), the
+                               shard list (items, files with shape and dtype) and skipped images
     plan.json                  the build plan alone, written first: a resumed build must match it
     centers.npy                VLAD centres [K, D] float32 (VLAD teachers)
     pca_mean.npy, pca_proj.npy the teacher's PCA-whitening (PCA teachers)
@@ -44,35 +45,25 @@ from vpr_edge.datasets import list_images
 from vpr_edge.distill import views as V
 from vpr_edge.distill.teacher import head_info
 from vpr_edge.errors import ArtifactError, ConfigError, InputError
+from vpr_edge.integrity import file_sha256 as sha256_file
 from vpr_edge.presets import Preprocess
 
-FORMAT = "vpr-edge-teacher-cache"
+FORMAT = "vpr-edge-teacher-cache"  # of the plan and shard records; the cache's manifest is a vpr-edge manifest
 FORMAT_VERSION = 1
 KIND = "teacher-cache"
-MANIFEST = "cache.json"
+MANIFEST = "manifest.json"
 PLAN = "plan.json"
 SHARDS = "shards"
 ARRAYS = ("features", "descriptors", "assign", "views")
 DEFAULT_SHARD_SIZE = 64  # images per shard: 64 x 4 views of ViT-G features = 200 MB in RAM while built
-
-_READ = 1 << 22
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_READ):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _canonical(obj: Any) -> Any:
     """JSON round trip: tuples become lists, so dicts from code and from files compare equal."""
     return json.loads(json.dumps(obj, sort_keys=True))
 
 
-def space_diff(have: dict | None, want: dict | None) -> list[str]:
-    """Top-level keys whose values differ between two descriptor spaces (empty: the same space)."""
+def plan_diff(have: dict | None, want: dict | None) -> list[str]:
+    """Top-level keys whose values differ between two build plans (empty: the same plan)."""
     a, b = _canonical(have or {}), _canonical(want or {})
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
@@ -260,11 +251,11 @@ def build_cache(
     with _lock(out):
         if (out / PLAN).exists():
             old = _read_json(out / PLAN, "teacher-cache-plan", f"delete {out} or choose another output")
-            diff = space_diff(old, plan)
+            diff = plan_diff(old, plan)
             if diff:
                 detail = ", ".join(diff)
                 if "teacher" in diff:
-                    detail += " (" + ", ".join(space_diff(old.get("teacher"), plan["teacher"])) + ")"
+                    detail += " (" + ", ".join(plan_diff(old.get("teacher"), plan["teacher"])) + ")"
                 raise ArtifactError(
                     f"{out} holds a teacher cache built with another plan ({detail} differ); "
                     f"choose another output, or delete {out} to rebuild it"
@@ -455,7 +446,16 @@ def _write_manifest(out: Path, plan: dict, key: str, records: list[dict]) -> Non
         ],
         "skipped": [s for r in records for s in r["skipped"]],
     }
-    write_json(out / MANIFEST, manifest)
+    from vpr_edge.manifest import Manifest, package_versions
+
+    m = Manifest(kind=KIND, preset={}, space=plan["teacher"]["space"], identity=plan["teacher"]["identity"],
+                 versions=package_versions("numpy", "torch", "onnxruntime"), details=manifest)
+    for info in side.values():
+        m.files[info["name"]] = {"role": "teacher-head", "bytes": info["bytes"], "sha256": info["sha256"]}
+    for r in records:
+        for a, info in r["files"].items():
+            m.files[f"{SHARDS}/{info['name']}"] = {"role": f"shard-{a}", "bytes": info["bytes"], "sha256": info["sha256"]}
+    m.save(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,7 +569,7 @@ class TeacherCache:
 
     def head_module(self):
         """The teacher's aggregator as a frozen torch module (what the student reuses)."""
-        from vpr_edge.distill.student import build_head
+        from vpr_edge.models.student import build_head
 
         mean, proj = self.pca if self.pca is not None else (None, None)
         gem_p = self.head.get("gem_p", 3.0)
@@ -600,17 +600,22 @@ def open_cache(
             raise ArtifactError(
                 f"{path} is an unfinished teacher cache build (no {MANIFEST}); re-run the same cache build to resume it"
             )
-        raise ArtifactError(f"{man} not found: {path} is not a teacher cache; build one with distill.cache.build_cache")
-    manifest = _read_json(man, KIND, "rebuild the cache into another folder")
+        raise ArtifactError(f"{man} not found: {path} is not a teacher cache; build one with `vpr-edge distill cache`")
+    from vpr_edge.manifest import Manifest
+    from vpr_edge.space import require_same
+
+    m = Manifest.load(man)
+    if m.kind != KIND:
+        raise ArtifactError(f"{man} is a {m.kind!r} manifest, not a teacher cache; build one with `vpr-edge distill cache`")
+    manifest = m.details
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{man}: teacher cache records of format {manifest.get('format')!r} "
+                            f"{manifest.get('format_version')!r}, this vpr-edge reads {FORMAT} {FORMAT_VERSION}; rebuild it")
     if not manifest.get("complete"):
         raise ArtifactError(f"{man} says the cache is incomplete; re-run the cache build to finish it")
     if expect_space is not None:
-        diff = space_diff(manifest["teacher"]["space"], expect_space)
-        if diff:
-            raise ArtifactError(
-                f"{man} holds teacher outputs of another descriptor space than expected ({', '.join(diff)} differ); "
-                f"use a cache built with this teacher, or rebuild it"
-            )
+        require_same(m.space, expect_space, have_name=f"teacher cache {path}", want_name="the expected teacher",
+                     fix="use a cache built with this teacher, or rebuild it")
     try:
         return TeacherCache(path, manifest, Path(image_root) if image_root else None, verify)
     except (KeyError, TypeError, zipfile.BadZipFile) as exc:

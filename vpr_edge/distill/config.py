@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from vpr_edge.distill.losses import LossConfig
-from vpr_edge.distill.student import StudentConfig
+from vpr_edge.models.student import StudentConfig
 from vpr_edge.errors import ConfigError
 
 AMP = ("off", "bf16", "fp16")

@@ -18,7 +18,7 @@ torch = lazy_import("torch")
 
 
 def evaluate(student, data, items, *, batch_size: int = 32, device="cpu") -> dict[str, float]:
-    """Metrics of `student` (a distill.student.Student) on cache items `items` of `data` (RenderedItems)."""
+    """Metrics of `student` (a models.student.Student) on cache items `items` of `data` (RenderedItems)."""
     from vpr_edge.distill.losses import l2
 
     items = [int(i) for i in items]

@@ -107,3 +107,45 @@ class TorchTeacher:
             f = self.model.backbone(x)
             d = self.model.aggregator(f)
         return f.float().cpu().numpy(), d.float().cpu().numpy()
+
+
+class ArtifactTeacher:
+    """An exported teacher artifact as a teacher, through the lean runtime (ONNX Runtime or TensorRT): what a
+    GPU machine or a cluster runs to fill a cache; ORT INT8 ViT-G is ~2x faster than PyTorch FP32 on a CPU.
+
+    The artifact must output per-patch features (`vpr-export --scope backbone`); its descriptor space and
+    identity are the artifact's, its head the artifact's vocabulary / PCA."""
+
+    def __init__(self, path, *, backend: str = "auto", threads: int | None = None, verify: bool = True) -> None:
+        from vpr_edge.fitted import load_pca, load_vocabulary
+        from vpr_edge.runtime.describer import Describer
+
+        self.describer = Describer.from_artifact(path, backend=backend, threads=threads, verify=verify)
+        art = self.describer.artifact
+        if self.describer.aggregation is None:
+            self.describer.close()
+            raise ConfigError(
+                f"{art.folder} outputs descriptors only; a teacher cache stores per-patch features: export the teacher "
+                f"with `vpr-export --model {art.preset.name} --scope backbone` (and the same vocabulary/PCA)"
+            )
+        preset = art.preset
+        self.preprocess = preset.preprocess
+        self.feature_dim = int(preset.feature_dim)
+        self.grid = tuple(int(g) for g in preset.grid())
+        self.descriptor_dim = int(preset.descriptor_dim)
+        vfile, pfile = art.file("vocabulary", required=False), art.file("pca", required=False)
+        self.centers = load_vocabulary(vfile).centers if vfile else None
+        self.gem_p = float(preset.aggregator.gem_p)
+        self.pca = None
+        if pfile:
+            pw = load_pca(pfile)
+            self.pca = (pw.mean, pw.proj)
+        self.space = dict(art.manifest.space)
+        self.identity = dict(art.manifest.identity)
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        feats = self.describer.run_backend(np.ascontiguousarray(images, dtype=np.float32))
+        return feats, self.describer.aggregate(feats)
+
+    def close(self) -> None:
+        self.describer.close()

@@ -1,7 +1,7 @@
 """Distil a student from a teacher cache: `train(config, cache_path, run_dir, resume=...)`.
 
 Plain torch DistributedDataParallel: the same function runs in one process or under
-`torchrun --nproc-per-node N -m vpr_edge.distill.train_main ...` (gloo on CPU, NCCL on CUDA). The
+`torchrun --nproc-per-node N -m vpr_edge.cli.main distill train ...` (gloo on CPU, NCCL on CUDA). The
 global batch is `config.batch_size` items whatever the world size: each rank takes its share of
 every step's micro-batches (distill.data), gradients are averaged by DDP, so 1 and N processes
 follow the same loss curve. Rank 0 writes everything.
@@ -42,18 +42,15 @@ from vpr_edge.distill.evaluate import evaluate
 from vpr_edge.distill.losses import distill_losses
 from vpr_edge.distill.optim import Ema, WarmupCosine, param_groups
 from vpr_edge.distill.records import CURVES, EVAL, METRICS, CsvLog, plot_curves
-from vpr_edge.distill.student import Student, StudentConfig, build_student, check_grids
+from vpr_edge.models.student import STUDENT_PT, Student, StudentConfig, build_student, check_grids
 from vpr_edge.errors import ArtifactError, ConfigError
 from vpr_edge.lazy import lazy_import
 
 torch = lazy_import("torch")
 
 RUN_FORMAT = "vpr-edge-distill-run"
-STUDENT_FORMAT = "vpr-edge-distilled-student"
 FORMAT_VERSION = 1
 CONFIG = "config.json"
-STUDENT_PT = "student.pt"
-STUDENT_JSON = "student.json"
 EVAL_COLUMNS = ["step", "split", "items", "desc_cos_mean", "desc_cos_min", "assign_agree", "patch_cos", "top1"]
 
 
@@ -194,7 +191,7 @@ def train(
     resume=True continues the newest checkpoint exactly (same weights as an uninterrupted run up to
     float noise; the world size may differ); it starts from scratch when there is none yet.
     stop_after=k stops cleanly after k steps of this call (writing a checkpoint), as a preemption
-    would; should_stop() is polled after every step for the same purpose (train_main wires SIGTERM).
+    would; should_stop() is polled after every step for the same purpose (`vpr-edge distill train` wires SIGTERM).
     verify: how rank 0 checks the cache when opening it ('sha256' reads every shard; 'size' for huge
     caches); the other ranks check sizes.
     """
@@ -374,7 +371,7 @@ def _train(
     dist.barrier()
     if step < config.steps:
         return TrainResult(run_dir, step, False, None, last_eval)
-    path = run_dir / STUDENT_PT
+    path = run_dir / STUDENT_PT  # written by models.student.save_student
     if dist.main:
         if not last_eval:  # resumed a finished run: evaluate again for the record
             run_eval(step)
@@ -385,59 +382,18 @@ def _train(
 
 def _write_student(run_dir: Path, model: Student, scfg: StudentConfig, cache: TeacherCache, config: TrainConfig,
                    step: int, last_eval: dict) -> None:
-    from vpr_edge.atomic import atomic_file
+    from vpr_edge.models.student import save_student
 
-    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    with atomic_file(run_dir / STUDENT_PT, "wb") as fh:
-        torch.save(sd, fh)
-    pre = dataclasses.asdict(dataclasses.replace(cache.preprocess, image_size=tuple(scfg.image_size)))
-    write_json(run_dir / STUDENT_JSON, {
-        "format": STUDENT_FORMAT,
-        "format_version": FORMAT_VERSION,
-        "kind": "distilled-student",
-        "student": scfg.to_dict(),
-        "head": cache.head,
-        "weights": "ema" if config.ema_decay > 0 else "final",
-        "preprocess": pre,
-        "teacher": {"space": cache.space, "identity": cache.identity, "grid": list(cache.grid),
-                    "feature_dim": cache.feature_dim, "descriptor_dim": cache.descriptor_dim},
-        "cache": {"path": str(cache.path.resolve()), "fingerprint": cache.fingerprint},
-        "steps": step,
-        "eval": last_eval,
-        "versions": _versions(),
-    })
+    save_student(run_dir, model, scfg, cache.head, dataclasses.replace(cache.preprocess, image_size=tuple(scfg.image_size)),
+                 teacher={"space": cache.space, "identity": cache.identity, "grid": list(cache.grid),
+                          "feature_dim": cache.feature_dim, "descriptor_dim": cache.descriptor_dim},
+                 extra={"weights": "ema" if config.ema_decay > 0 else "final",
+                        "cache": {"path": str(cache.path.resolve()), "fingerprint": cache.fingerprint},
+                        "steps": step, "eval": last_eval, "versions": _versions()})
 
 
 def load_student(path: str | os.PathLike, device: str = "cpu") -> Student:
-    """The distilled student of a run folder (or its student.json) in eval mode."""
-    import json
+    """The distilled student of a run folder (`models.student.load_student`)."""
+    from vpr_edge.models.student import load_student as load
 
-    from vpr_edge.distill.student import build_head
-
-    path = Path(path)
-    meta_path = path / STUDENT_JSON if path.is_dir() else path
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{meta_path} not found; a finished distillation run folder holds it") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{meta_path} is not readable JSON ({exc})") from None
-    if meta.get("format") != STUDENT_FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{meta_path} is not a distilled-student record of format version {FORMAT_VERSION}")
-    scfg = dataclasses.replace(StudentConfig.from_dict(meta["student"]), weights="random")
-    head = meta["head"]
-    d = int(meta["teacher"]["feature_dim"])
-    centers = np.zeros((head["clusters"], d), np.float32) if head["kind"] == "vlad" else None
-    pca = head.get("pca")
-    mean, proj = (np.zeros(pca[0], np.float32), np.zeros((pca[1], pca[0]), np.float32)) if pca else (None, None)
-    gem_p = head.get("gem_p", 3.0)
-    student = build_student(scfg, build_head(head["kind"], centers=centers, gem_p=gem_p, pca_mean=mean, pca_proj=proj))
-    weights = meta_path.parent / STUDENT_PT
-    try:
-        sd = torch.load(str(weights), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ArtifactError(f"{weights} not found next to {meta_path}") from None
-    except Exception as exc:  # pickle / zip / runtime errors of a damaged file
-        raise ArtifactError(f"{weights} is not a readable state dict ({type(exc).__name__}); re-run or re-copy it") from None
-    student.load_state_dict(sd, strict=True)
-    return student.to(device).eval()
+    return load(path, device)

@@ -105,7 +105,7 @@ def _graph_report(preset: Preset, onnx_path: Path) -> dict:
     }
     if "Resize" in ops or "Upsample" in ops:
         raise ArtifactError(f"{onnx_path}: graph contains a Resize; the position embedding must be precomputed")
-    if preset.facet is not None:
+    if preset.facet is not None and preset.method != "student":  # a student computes all its blocks + projection
         L = preset.facet.layer
         facet = graph.facet_ops(model)
         rep["facet_block"] = L
@@ -145,13 +145,10 @@ class _Writer:
         if side.pca is not None:
             side.pca.save(tmp / "pca.npz")
             self.fitted["pca.npz"] = "pca"
-        self.space = DescriptorSpace.of(
-            preset, side.weights_id,
-            vocabulary=side.vocabulary.fingerprint if side.vocabulary is not None else None,
-            pca=side.pca.fingerprint if side.pca is not None else None,
-        )
+        self.space = DescriptorSpace.from_dict(side.space)  # a student declares its teacher's
         self.weights_id = side.weights_id
         self.weights_label = weights if weights in ("random", "auto") else Path(weights).name
+        self.weights_path = weights
         self.seed = seed
         self.side = side
 
@@ -178,6 +175,7 @@ class _Writer:
                 "descriptor_dim": self.preset.descriptor_dim,
                 "weights": self.weights_label,
                 "seed": self.seed,
+                **({"student_run": str(Path(self.weights_path).resolve())} if self.preset.method == "student" else {}),
                 "vocabulary_source": self.side.vocabulary.meta.get("source") if self.side.vocabulary is not None else None,
                 "pca_source": self.side.pca.meta.get("source") if self.side.pca is not None else None,
                 **details,

@@ -31,6 +31,7 @@ class TorchSide:
     reference: np.ndarray  # the exported module's outputs on verify.images
     reference_desc: np.ndarray  # descriptors (= reference for descriptor scope)
     weights_id: str  # what identifies the weights (vpr_edge.space)
+    space: dict  # the descriptor space (a student's: its teacher's)
     weights_bytes: int
     times: dict[str, float] = field(default_factory=dict)
     peak_rss_gib: dict[str, float] = field(default_factory=dict)
@@ -123,6 +124,7 @@ def torch_side(
         reference=ref_out,
         reference_desc=ref_desc,
         weights_id=ref.weights_id,
+        space=ref.space().to_dict(),
         weights_bytes=weights_bytes,
         times=steps.times,
         peak_rss_gib=steps.peak_rss_gib,

@@ -32,8 +32,11 @@ class Reference:
     seed: int
     vocabulary: Vocabulary | None = None
     pca: PCAWhitening | None = None
+    declared_space: DescriptorSpace | None = None  # a student's: its teacher's space
 
     def space(self) -> DescriptorSpace:
+        if self.declared_space is not None:
+            return self.declared_space
         return DescriptorSpace.of(
             self.preset,
             self.weights_id,
@@ -65,6 +68,10 @@ def build_reference(
     from vpr_edge.models import weights as W
     from vpr_edge.models.vocabulary import load_vocabulary
 
+    if preset.method == "student":  # `weights` is the run folder: the student and its teacher's head are in it
+        from vpr_edge.models.student import student_reference
+
+        return student_reference(weights)
     torch.manual_seed(seed)
     wid = W.weights_id(weights, preset.weights, seed)
     release = B.fetch_release(preset, weights)
@@ -136,6 +143,13 @@ def reference_from_artifact(artifact: Any, weights: str | None = None) -> Refere
 
     art = artifact if hasattr(artifact, "manifest") else load_artifact(artifact)
     ident = art.identity
+    if art.preset.method == "student":
+        run = weights or art.manifest.details.get("student_run")
+        ref = build_reference(art.preset, str(run))
+        if ref.weights_id != ident.weights:
+            raise WeightsError(f"the student in {run} has {short_id(ref.weights_id)}, {art.folder} was exported from "
+                               f"{short_id(ident.weights)}; pass --weights RUN of the run it was exported from")
+        return ref
     w, seed = weights_for(ident.weights, weights, art.preset, str(art.folder))
     return build_reference(
         art.preset, w, vocabulary=art.file("vocabulary", required=False), pca=art.file("pca", required=False), seed=seed

@@ -274,3 +274,142 @@ def build_student(config: StudentConfig, head: nn.Module) -> Student:
     if want is not None and want != config.teacher_dim:
         raise ConfigError(f"the teacher head works on {want}-d features, the student config says {config.teacher_dim}")
     return Student(StudentBackbone(config, build_vit(config)), head)
+
+
+# ---------------------------------------------------------------------------------------------
+# A distilled student on disk: RUN/student.pt (state dict) + RUN/student.json (what it is)
+# ---------------------------------------------------------------------------------------------
+
+STUDENT_FORMAT = "vpr-edge-distilled-student"
+STUDENT_FORMAT_VERSION = 1
+STUDENT_PT = "student.pt"
+STUDENT_JSON = "student.json"
+
+
+def save_student(run_dir, model: Student, config: StudentConfig, head: dict, preprocess, *, teacher: dict,
+                 extra: dict | None = None) -> None:
+    """Write the student's weights and its record (config, teacher head, preprocessing, teacher space and
+    identity) into `run_dir`, atomically."""
+    from pathlib import Path
+
+    from vpr_edge.atomic import atomic_file, write_json
+
+    run_dir = Path(run_dir)
+    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    with atomic_file(run_dir / STUDENT_PT, "wb") as fh:
+        torch.save(sd, fh)
+    write_json(run_dir / STUDENT_JSON, {
+        "format": STUDENT_FORMAT,
+        "format_version": STUDENT_FORMAT_VERSION,
+        "kind": "distilled-student",
+        "student": config.to_dict(),
+        "head": head,
+        "preprocess": dataclasses.asdict(preprocess),
+        "teacher": teacher,
+        **(extra or {}),
+    })
+
+
+def read_student_record(path) -> tuple[Any, dict]:
+    """(path of student.json, its record) for a run folder or the file itself; one-line errors."""
+    import json
+    from pathlib import Path
+
+    from vpr_edge.errors import ArtifactError
+
+    path = Path(path)
+    meta_path = path / STUDENT_JSON if path.is_dir() else path
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{meta_path} not found; a finished distillation run folder holds it "
+                            "(train one with `vpr-edge distill train`)") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{meta_path} is not readable JSON ({exc}); re-run the training or re-copy the run") from None
+    if not isinstance(meta, dict) or meta.get("format") != STUDENT_FORMAT or meta.get("format_version") != STUDENT_FORMAT_VERSION:
+        raise ArtifactError(f"{meta_path} is not a distilled-student record of format version {STUDENT_FORMAT_VERSION}")
+    return meta_path, meta
+
+
+def load_student(path, device: str = "cpu") -> Student:
+    """The distilled student of a run folder (or its student.json) in eval mode."""
+    from vpr_edge.errors import ArtifactError
+
+    meta_path, meta = read_student_record(path)
+    scfg = dataclasses.replace(StudentConfig.from_dict(meta["student"]), weights="random")
+    head = meta["head"]
+    d = int(meta["teacher"]["feature_dim"])
+    centers = np.ones((head["clusters"], d), np.float32) if head["kind"] == "vlad" else None  # replaced by the file
+    pca = head.get("pca")
+    mean, proj = (np.zeros(pca[0], np.float32), np.ones((pca[1], pca[0]), np.float32)) if pca else (None, None)
+    student = build_student(scfg, build_head(head["kind"], centers=centers, gem_p=head.get("gem_p", 3.0),
+                                             pca_mean=mean, pca_proj=proj))
+    weights = meta_path.parent / STUDENT_PT
+    try:
+        sd = torch.load(str(weights), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ArtifactError(f"{weights} not found next to {meta_path}") from None
+    except Exception as exc:  # pickle / zip / runtime errors of a damaged file
+        from vpr_edge.models.weights import torch_load_refusal
+
+        raise ArtifactError(torch_load_refusal(weights, exc, "the student's state dict")) from None
+    try:
+        student.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise ArtifactError(f"{weights} does not fit the student {meta_path} describes ({first}); re-run the training") from None
+    return student.to(device).eval()
+
+
+def student_preset(path) -> "presets.Preset":
+    """The preset-like config of a distilled student: its own backbone and input, the teacher's head, a facet
+    that says 'token features of block B, projected to the teacher's width'. What export, the runtime and
+    manifests take like any preset; its descriptor space is the teacher's (`student_reference`)."""
+    from pathlib import Path
+
+    meta_path, meta = read_student_record(path)
+    scfg = StudentConfig.from_dict(meta["student"])
+    space = meta["teacher"]["space"]
+    agg = dict(space["aggregator"])
+    agg["weights"] = None
+    pre = dict(meta["preprocess"])
+    for k in ("image_size", "mean", "std"):
+        pre[k] = tuple(pre[k])
+    run = Path(meta_path).parent
+    return presets.Preset(
+        name=f"student-{scfg.arch}{'@tiny' if scfg.tiny else ''}:{run.name}",
+        method="student",
+        summary=f"DINOv2 {scfg.arch} distilled into the descriptor space of {space.get('preset')} ({run})",
+        backbone=dataclasses.replace(scfg.spec, weights=None),
+        facet=presets.Facet(layer=scfg.block_index, facet="token", proj_dim=int(meta["teacher"]["feature_dim"])),
+        aggregator=presets.Aggregator(**agg),
+        preprocess=presets.Preprocess(**pre),
+        notes=f"teacher {space.get('preset')}",
+    )
+
+
+def student_reference(path):
+    """A `models.reference.Reference` for a distilled student: the trained model, its weights id (sha256 of
+    student.pt), the teacher's vocabulary/PCA (from the student's own frozen head) and, declared, the
+    teacher's descriptor space."""
+    from vpr_edge.fitted import PCAWhitening, Vocabulary
+    from vpr_edge.integrity import file_sha256
+    from vpr_edge.models.build import VprModel
+    from vpr_edge.models.reference import Reference
+    from vpr_edge.space import DescriptorSpace, file_weights_id
+
+    meta_path, meta = read_student_record(path)
+    preset = student_preset(meta_path)
+    student = load_student(meta_path)
+    pool, pca = getattr(student.aggregator, "pool", student.aggregator), getattr(student.aggregator, "pca", None)
+    vocab = None
+    if hasattr(pool, "centers"):
+        vocab = Vocabulary(pool.centers.detach().numpy().copy(), {"source": "the teacher's, from the student's head"})
+    pw = None
+    if pca is not None:
+        pw = PCAWhitening(pca.mean.detach().numpy().copy(), pca.proj.detach().numpy().copy(),
+                          {"source": "the teacher's, from the student's head"})
+    ref = Reference(VprModel(preset, student.backbone, student.aggregator).eval(), preset, str(meta_path.parent),
+                    file_weights_id(file_sha256(meta_path.parent / STUDENT_PT)), 0, vocab, pw)
+    ref.declared_space = DescriptorSpace.from_dict(meta["teacher"]["space"], str(meta_path))
+    return ref
