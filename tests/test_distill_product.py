@@ -119,3 +119,32 @@ def test_a_teacher_artifact_without_features_is_refused_for_a_cache(corridor, tm
     err = capsys.readouterr().err.strip()
     assert rc != 0 and len(err.splitlines()) == 1 and "--scope backbone" in err
     assert np.isfinite(0.0)
+
+
+def test_a_map_specific_student_is_distilled_from_the_maps_own_features(product, corridor, tmp_path, capsys):
+    root, teacher, _, generic = product
+    mp = tmp_path / "map"
+    db = sorted((corridor / "database").glob("*.jpg"))[:20]
+    assert main(["map", "build", *map(str, db), "--model", str(teacher), "-o", str(mp), "--keep-teacher-features",
+                 "--chunk", "8"]) == 0
+    assert list((mp / "chunks").glob("*.features.npy")) and (mp / "teacher" / "vocabulary.npz").exists()
+    from vpr_edge.distill.cache import open_cache
+
+    c = open_cache(mp)
+    assert len(c) == 20 and c.features(3).shape == (c.grid[0] * c.grid[1], c.feature_dim)
+    # the features the map kept are the teacher's: the stored descriptor is their aggregation
+    from vpr_edge.artifact import load_artifact
+    from vpr_edge.runtime.aggregate import Aggregation
+
+    agg = Aggregation.for_preset(load_artifact(teacher).preset, teacher / "vocabulary.npz", None)
+    np.testing.assert_allclose(agg(np.asarray(c.features(3), np.float32)[None])[0], c.descriptor(3), atol=2e-3)
+    run = tmp_path / "map-run"
+    assert main(["distill", "train", "--cache", str(mp), "--output", str(run), "--tiny", "--steps", "6",
+                 "--batch-size", "4", "--micro-batch-size", "4", "--warmup-steps", "1", "--eval-every", "3",
+                 "--checkpoint-every", "3", "--threads", "2", "--quiet"]) == 0
+    out = tmp_path / "eval"
+    assert main(["distill", "eval", str(generic), str(run), "--teacher", str(teacher), "--map", str(mp),
+                 "--images", str(corridor), "--limit", "6", "--latency-runs", "1", "--quiet", "--output", str(out)]) == 0
+    rep = json.loads((out / "eval.json").read_text())
+    assert set(rep["students"]) == {f"student:{generic.name}", f"student:{run.name}"}
+    assert rep["images"]["against"].startswith("map ")

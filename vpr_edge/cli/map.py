@@ -55,6 +55,10 @@ def register(sub) -> argparse.ArgumentParser:
     b.add_argument("--metadata", choices=["utm"], default=None, help="utm: record @east@north@ from file names")
     b.add_argument("--chunk", type=int, default=256, metavar="N", help="images per committed chunk (default 256)")
     b.add_argument("--recursive", action="store_true", help="also take images from sub-folders")
+    b.add_argument("--keep-teacher-features", action="store_true",
+                   help="also keep the per-patch features of every image (backbone-scope artifact; float16, ~0.8 MB per "
+                        "image for ViT-G): `vpr-edge distill train --cache MAP` then distils a map-specific student "
+                        "without running the teacher again")
     _search_options(b, build=True)
     O.add_runtime(b, model="required")
     b.set_defaults(func=_build)
@@ -98,6 +102,7 @@ def _build(args) -> int:
         chunk_size=args.chunk,
         force=args.force,
         recursive=args.recursive,
+        keep_teacher_features=args.keep_teacher_features,
         **O.describer_kwargs(args),
     )
     d = m.details

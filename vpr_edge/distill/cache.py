@@ -595,6 +595,14 @@ def open_cache(
         raise ConfigError(f"verify must be 'sha256' or 'size', got {verify!r}")
     path = Path(path)
     man = path / MANIFEST
+    if man.exists() and json.loads(man.read_text()).get("kind") == "map":  # a map that kept its teacher features
+        from vpr_edge.distill.map_cache import MapTeacherCache
+        from vpr_edge.space import require_same
+
+        cache = MapTeacherCache(path, verify=verify)
+        if expect_space is not None:
+            require_same(cache.space, expect_space, have_name=f"map {path}", want_name="the expected teacher")
+        return cache
     if not man.exists():
         if (path / PLAN).exists():
             raise ArtifactError(

@@ -11,6 +11,10 @@ Layout of MAP/:
   images.jsonl      one line per descriptor row: {"id", "path", "utm"}
   index.faiss       faiss index over all rows (ids = row numbers)
   unreadable.tsv    images that could not be read: path <TAB> error
+  teacher/          with `--keep-teacher-features` (backbone-scope artifacts): the artifact's vocabulary/PCA;
+                    chunks/NNNNNN.features.npy then holds each row's per-patch features (float16) and the
+                    chunk record their source sizes, so a map-specific student is distilled on the map's own
+                    images without running the teacher again (`vpr-edge distill train --cache MAP`)
 
 A build killed at any point loses at most the chunk in progress: rerunning the same command
 skips every committed image and builds the index at the end from all chunks. `add` appends
@@ -36,6 +40,7 @@ import numpy as np
 
 from vpr_edge.atomic import atomic_file, check_disk
 from vpr_edge.datasets import collect_images, parse_utm
+from vpr_edge.imaging.decode import load_rgb
 from vpr_edge.errors import ArtifactError, ConfigError, InputError
 from vpr_edge.integrity import file_sha256, sha256_file
 from vpr_edge.manifest import MANIFEST_NAME, Manifest, package_versions
@@ -48,6 +53,7 @@ log = logging.getLogger(__name__)
 CHUNKS = "chunks"
 IMAGES = "images.jsonl"
 INDEX = "index.faiss"
+TEACHER = "teacher"
 REPORT = "unreadable.tsv"
 METADATA = (None, "utm")
 
@@ -93,6 +99,8 @@ class Chunk:
     utm: list[list[float] | None]
     failed: list[dict]
     sha256: str | None = None  # of the chunk's .npy, recorded when it is committed
+    features_sha256: str | None = None  # of its teacher features (maps that keep them)
+    sizes: list[list[int]] | None = None  # (h, w) of each source image (maps that keep features)
 
 
 class ChunkStore:
@@ -109,7 +117,7 @@ class ChunkStore:
             try:
                 meta = json.loads(meta_path.read_text())
                 out.append(Chunk(int(meta["id"]), list(meta["files"]), list(meta["utm"]), list(meta["failed"]),
-                                 meta.get("sha256")))
+                                 meta.get("sha256"), meta.get("features_sha256"), meta.get("sizes")))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 raise ArtifactError(
                     f"{meta_path}: corrupt chunk record ({exc}); delete it and its .npy to re-encode that chunk"
@@ -120,12 +128,17 @@ class ChunkStore:
         chunks = self.committed()
         return chunks[-1].id + 1 if chunks else 0
 
-    def commit(self, chunk: Chunk, descriptors: np.ndarray) -> None:
+    def commit(self, chunk: Chunk, descriptors: np.ndarray, features: np.ndarray | None = None) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         npy = self.dir / f"{chunk.id:06d}.npy"
         with atomic_file(npy, "wb") as fh:
             np.save(fh, np.ascontiguousarray(descriptors, dtype=np.float32))
         chunk.sha256 = file_sha256(npy)
+        if features is not None:
+            fpath = self.features_path(chunk)
+            with atomic_file(fpath, "wb") as fh:
+                np.save(fh, np.ascontiguousarray(features, dtype=np.float16))
+            chunk.features_sha256 = file_sha256(fpath)
         meta = {
             "id": chunk.id,
             "count": len(chunk.files),
@@ -133,9 +146,26 @@ class ChunkStore:
             "utm": chunk.utm,
             "failed": chunk.failed,
             "sha256": chunk.sha256,
+            **({"features_sha256": chunk.features_sha256, "sizes": chunk.sizes} if chunk.features_sha256 else {}),
         }
         with atomic_file(self.dir / f"{chunk.id:06d}.json", "w") as fh:
             json.dump(meta, fh)
+
+    def features_path(self, chunk: Chunk) -> Path:
+        return self.dir / f"{chunk.id:06d}.features.npy"
+
+    def load_features(self, chunk: Chunk, mmap: bool = True) -> np.ndarray:
+        """The chunk's teacher features [n, N, D] float16 (maps built with --keep-teacher-features)."""
+        path = self.features_path(chunk)
+        if not chunk.features_sha256 or not path.is_file():
+            raise ArtifactError(f"{path}: no teacher features for this chunk; build the map with --keep-teacher-features")
+        if file_sha256(path) != chunk.features_sha256:
+            raise ArtifactError(f"{path}: does not match the sha256 its chunk record holds; delete the chunk's files "
+                                "and rerun the map build to re-encode it")
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        if arr.ndim != 3 or len(arr) != len(chunk.files):
+            raise ArtifactError(f"{path}: {arr.shape} features for {len(chunk.files)} files; rebuild the map")
+        return arr
 
     def load(self, chunk: Chunk) -> np.ndarray:
         path = self.dir / f"{chunk.id:06d}.npy"
@@ -342,6 +372,7 @@ def _encode(
     if not pending:
         return []
     want_utm = m.details.get("metadata") == "utm"
+    keep = bool(m.details.get("teacher_features"))
     next_id = chunks[-1].id + 1 if chunks else 0
     committed = len(done)
     bar = None
@@ -353,20 +384,31 @@ def _encode(
     try:
         for start in range(0, len(pending), chunk_size):
             part = pending[start : start + chunk_size]
-            chunk = Chunk(next_id, [], [], [])
-            descs = []
+            chunk = Chunk(next_id, [], [], [], sizes=[] if keep else None)
+            descs, feats = [], []
             for b in range(0, len(part), batch):
-                xs, read = [], []
+                xs, read, sizes = [], [], []
                 for p in part[b : b + batch]:
                     try:
-                        xs.append(describer.preprocess(p))
+                        if keep:  # decoded once here: the source size is what a student's views are drawn on
+                            rgb = load_rgb(p, max_pixels=describer.max_pixels)
+                            sizes.append(list(rgb.shape[:2]))
+                            xs.append(describer.preprocess(rgb))
+                        else:
+                            xs.append(describer.preprocess(p))
                         read.append(p)
                     except InputError as exc:
                         log.warning("skipping unreadable image: %s", exc)
                         chunk.failed.append({"path": str(p), "error": str(exc)})
                 if xs:
-                    out = describer.forward(np.stack(xs))
-                    for p, row, problem in zip(read, out, row_problems(out)):
+                    x = np.stack(xs)
+                    if keep:
+                        raw = describer.run_backend(x)
+                        out = describer.aggregate(raw)
+                        describer.images += len(x)
+                    else:
+                        out = describer.forward(x)
+                    for j, (p, row, problem) in enumerate(zip(read, out, row_problems(out))):
                         if problem:  # stored, it would never be returned (NaN) or would match everything
                             msg = f"{p}: its descriptor has {problem}; the model or its vocabulary/PCA is broken for this image"
                             log.warning("skipping image: %s", msg)
@@ -376,10 +418,17 @@ def _encode(
                         utm = parse_utm(p.name) if want_utm else None
                         chunk.utm.append(list(utm) if utm else None)
                         descs.append(row[None])
+                        if keep:
+                            feats.append(raw[j : j + 1].astype(np.float16))
+                            chunk.sizes.append(sizes[j])
                 if bar is not None:
                     bar.update(len(part[b : b + batch]))
             arr = np.concatenate(descs) if descs else np.zeros((0, describer.dim), dtype=np.float32)
-            m.store.commit(chunk, arr)
+            if keep:
+                shape = (0, *(m.details["teacher_features"]["shape"]))
+                m.store.commit(chunk, arr, np.concatenate(feats) if feats else np.zeros(shape, np.float16))
+            else:
+                m.store.commit(chunk, arr)
             encoded += chunk.files
             committed += len(part)
             next_id += 1
@@ -458,6 +507,8 @@ def _finalize(m: Map, encoded: Sequence[str] = ()) -> Map:
     m.manifest.files = {}
     m.manifest.add_file(m.folder, INDEX, "index")
     m.manifest.add_file(m.folder, IMAGES, "images")
+    for role, name in (m.details.get("teacher_features") or {}).get("files", {}).items():
+        m.manifest.add_file(m.folder, name, role)
     m.manifest.save(m.folder)
     return m
 
@@ -477,11 +528,14 @@ def build_map(
     describer=None,
     progress: bool = True,
     on_commit: OnCommit | None = None,
+    keep_teacher_features: bool = False,
     **describer_kwargs,
 ) -> Map:
     """Build (or resume building) a map at `output` from image files/folders.
 
     `index_options` (nprobe, refine, rerank; see `map_index.index_params`) override the defaults.
+    keep_teacher_features: also keep every row's per-patch features (backbone-scope artifacts; see the
+    module docstring), for distilling a map-specific student.
     """
     from vpr_edge.runtime.describer import Describer
 
@@ -502,16 +556,38 @@ def build_map(
     own = describer is None
     describer = describer or Describer.from_artifact(artifact, **describer_kwargs)
     try:
+        if keep_teacher_features and describer.aggregation is None:
+            raise ConfigError(
+                f"--keep-teacher-features needs per-patch features: {artifact} outputs descriptors only; build the map "
+                "with the teacher artifact exported with --scope backbone"
+            )
         with writer_lock(out):
             return _build(
-                out, paths, describer, str(artifact), batch, spec, metadata, chunk_size, force, progress, on_commit
+                out, paths, describer, str(artifact), batch, spec, metadata, chunk_size, force, progress, on_commit,
+                keep_teacher_features,
             )
     finally:
         if own:
             describer.close()
 
 
-def _build(out, paths, describer, artifact, batch, index, metadata, chunk_size, force, progress, on_commit) -> Map:
+def _keep_features(out: Path, describer) -> dict:
+    """The map-specific teacher record: feature shape, and the artifact's vocabulary/PCA copied beside."""
+    folder = out / TEACHER
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for role in ("vocabulary", "pca"):
+        src = describer.artifact.file(role, required=False)
+        if src is not None:
+            shutil.copyfile(src, folder / src.name)
+            files[role] = f"{TEACHER}/{src.name}"
+    preset = describer.preset
+    gh, gw = preset.grid()
+    return {"dtype": "float16", "shape": [gh * gw, preset.feature_dim], "grid": [gh, gw], "files": files}
+
+
+def _build(out, paths, describer, artifact, batch, index, metadata, chunk_size, force, progress, on_commit,
+           keep_teacher_features: bool = False) -> Map:
     art = describer.artifact
     if (out / MANIFEST_NAME).exists():
         existing = Map.open(out, require_complete=False)
@@ -546,7 +622,11 @@ def _build(out, paths, describer, artifact, batch, index, metadata, chunk_size, 
         out.mkdir(parents=True, exist_ok=True)
         man = _map_manifest(art, describer, index, metadata, chunk_size)
         man.details["pending"] = "build"
+        if keep_teacher_features:
+            man.details["teacher_features"] = _keep_features(out, describer)
         man.save(out)
+    elif keep_teacher_features != bool(Map.open(out, require_complete=False).details.get("teacher_features")):
+        raise ConfigError(f"{out}: resume the unfinished build with the same --keep-teacher-features choice, or --force")
     m = Map.open(out, require_complete=False)
     current = m.details.get("index", {})
     if any(current.get(k) != v for k, v in index.items()):  # resumed with other options
