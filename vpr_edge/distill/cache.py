@@ -97,11 +97,12 @@ def _read_json(path: Path, kind: str, fix: str) -> dict[str, Any]:
 
 def _resolve_images(images) -> tuple[Path, list[Path]]:
     """A folder (listed with datasets.list_images) or a sequence of files -> (root, files)."""
+    # absolute, not resolved: a folder of symlinks keeps its files inside it
     if isinstance(images, (str, os.PathLike)):
         folder = Path(images)
         files = list_images(folder)  # InputError for a missing or empty folder
-        return folder.resolve(), [p.resolve() for p in files]
-    files = [Path(p).resolve() for p in images]
+        return Path(os.path.abspath(folder)), [Path(os.path.abspath(p)) for p in files]
+    files = [Path(os.path.abspath(p)) for p in images]
     if not files:
         raise InputError("no images given to build a teacher cache from; pass a folder or a list of image files")
     root = Path(os.path.commonpath([str(p.parent) for p in files]))
