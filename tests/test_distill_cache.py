@@ -196,7 +196,7 @@ def test_refusals(tmp_path, built, teacher, imgs):
     with pytest.raises(ArtifactError, match=rf"{feat} does not match its recorded sha256"):
         open_cache(bad)
     man = json.loads((built / MANIFEST).read_text())
-    for change, msg in (({"kind": "map"}, "'map' manifest, not a teacher cache"),
+    for change, msg in (({"kind": "onnx"}, "'onnx' manifest, not a teacher cache"),
                         ({"format_version": 3}, "upgrade vpr-edge"),
                         ({"format": "something"}, "is not a vpr-edge manifest"),
                         ({"details": {**man["details"], "format_version": 2}}, "records of format")):

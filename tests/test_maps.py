@@ -100,15 +100,15 @@ def test_build_resumes_after_a_kill_without_reencoding(art, db, tmp_path, monkey
         pass
 
     encoded: list[int] = []
-    real_forward = Describer.forward
+    real_run = Describer.run_backend
 
-    def dying_forward(self, x):
+    def dying_run(self, x, batch=None):
         if sum(encoded) + len(x) > 38:  # dies inside the third chunk (images 32..47)
             raise Killed
         encoded.append(len(x))
-        return real_forward(self, x)
+        return real_run(self, x, batch)
 
-    monkeypatch.setattr(Describer, "forward", dying_forward)
+    monkeypatch.setattr(Describer, "run_backend", dying_run)
     with pytest.raises(Killed):
         build_map(images, art, tmp_path / "map", chunk_size=16, batch=4, progress=False, threads=1)
     partial = Map.open(tmp_path / "map", require_complete=False)
@@ -116,12 +116,12 @@ def test_build_resumes_after_a_kill_without_reencoding(art, db, tmp_path, monkey
     with pytest.raises(ArtifactError, match="did not finish"):
         query_map(tmp_path / "map", images[:1], artifact=art)
 
-    def counting_forward(self, x):
+    def counting_run(self, x, batch=None):
         encoded.append(len(x))
-        return real_forward(self, x)
+        return real_run(self, x, batch)
 
     encoded.clear()
-    monkeypatch.setattr(Describer, "forward", counting_forward)
+    monkeypatch.setattr(Describer, "run_backend", counting_run)
     m = build_map(images, art, tmp_path / "map", chunk_size=16, batch=4, progress=False, threads=1)
     assert sum(encoded) == 50 - 32  # nothing committed was encoded again
     assert [e["path"] for e in m.entries()] == [str(p.resolve()) for p in images]  # nothing lost, order kept

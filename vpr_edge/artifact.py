@@ -43,6 +43,11 @@ class Artifact:
         return self.manifest.details.get("io_dtype", "float32")
 
     @property
+    def input_layout(self) -> str:
+        """'float' (float [B, 3, H, W], normalised) or 'uint8' ([B, H, W, 3] RGB, normalised in the graph)."""
+        return self.manifest.details.get("input_layout", "float")
+
+    @property
     def space(self) -> DescriptorSpace:
         return DescriptorSpace.from_dict(self.manifest.space, str(self.folder))
 
@@ -118,4 +123,7 @@ def load_artifact(path: str | Path, kinds: tuple[str, ...] = ("onnx", "engine"),
         raise ArtifactError(f"{folder}: details.scope is {art.scope!r}, expected one of {SCOPES}")
     if art.io_dtype not in ("float32", "float16"):
         raise ArtifactError(f"{folder}: details.io_dtype is {art.io_dtype!r}, expected float32 or float16")
+    if art.input_layout not in ("float", "uint8"):
+        raise ArtifactError(f"{folder}: details.input_layout is {art.input_layout!r}, expected float or uint8; "
+                            "re-export the artifact or upgrade vpr-edge")
     return art

@@ -30,7 +30,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", "
 DEFAULT_RADIUS_M = 25.0
 
 
-def _natural_key(name: str) -> list:
+def natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
@@ -43,7 +43,7 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
     files = [p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
     if not files:
         raise InputError(f"{folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return sorted(files, key=lambda p: _natural_key(str(p.relative_to(folder))))
+    return sorted(files, key=lambda p: natural_key(str(p.relative_to(folder))))
 
 
 def parse_utm(filename: str | Path) -> tuple[float, float] | None:

@@ -23,6 +23,7 @@ _EXTRA = {
     "pycuda": "tensorrt",
     "matplotlib": "bench",
     "psutil": "runtime",
+    "av": "video",
 }
 
 

@@ -9,8 +9,10 @@ numbers are its own):
 2. search: exact faiss inner-product search over the database descriptors, one query at a time
    (the runtime map's 'flat' index);
 3. latency per batch size: warm-up batches, then timed batches of query images (decode included),
-   wall time per image from `time.perf_counter` and the describer's own per-stage clocks;
-4. peak RSS over the whole variant (sampling thread) and GPU memory where there is one.
+   wall time per image from `time.perf_counter` and the describer's own per-stage clocks; then the same
+   images as one pipelined stream (end-to-end throughput) and preprocessed beforehand (backend-only
+   throughput), and the peak RSS at that batch size (`measure_latency`);
+4. peak RSS over the whole variant and GPU memory where there is one.
 Ratios against the baseline (PyTorch FP32 when included) come from the same run.
 """
 
@@ -62,6 +64,8 @@ class BenchConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    preprocess: str | None = None  # 'exact' | 'fast' (None: the artifact's default)
+    workers: int | None = None  # preprocessing threads
 
     def check(self) -> None:
         if not self.batches or min(self.batches) < 1:
@@ -109,33 +113,62 @@ def select_subset(ds, limit: int | None) -> Subset:
 
 # -- measuring ----------------------------------------------------------------------------------
 def measure_latency(describer, paths: list[Path], batch: int, runs: int, warmup: int) -> dict[str, Any]:
-    """Warm-up, then `runs` timed batches of `batch` images drawn cyclically from `paths`."""
+    """At one batch size, three ways (each after `warmup` untimed batches):
+    - latency: `runs` batches of `batch` images drawn cyclically from `paths`, one `describe` call each
+      (decode included, nothing overlaps the next batch): wall time per image and the stage clocks;
+    - pipelined throughput: the same `runs` x `batch` images as one stream (`Describer.stream`), decoding
+      and preprocessing in the pool ahead of the backend;
+    - backend-only throughput: the same batches preprocessed beforehand, fed to `forward` (the ceiling
+      the pipeline is measured against);
+    and the peak RSS over the three."""
     pool = cycle(paths)
-    for _ in range(warmup):
-        describer.describe(list(islice(pool, batch)), batch=batch)
-    per_image, batch_ms = [], []
-    stages: dict[str, list[float]] = {s: [] for s in STAGES}
-    for _ in range(runs):
-        chunk = list(islice(pool, batch))
-        describer.reset_timings()
+    with PeakRss() as rss:
+        for _ in range(warmup):
+            describer.describe(list(islice(pool, batch)), batch=batch)
+        per_image, batch_ms = [], []
+        stages: dict[str, list[float]] = {s: [] for s in STAGES}
+        timed: list[list[Path]] = []
+        for _ in range(runs):
+            chunk = list(islice(pool, batch))
+            timed.append(chunk)
+            describer.reset_timings()
+            t0 = time.perf_counter()
+            describer.describe(chunk, batch=batch)
+            dt = time.perf_counter() - t0
+            batch_ms.append(1000.0 * dt)
+            per_image.append(1000.0 * dt / batch)
+            for s in STAGES:
+                stages[s].append(1000.0 * describer.timings.get(s, 0.0) / batch)
+        stream = [p for chunk in timed for p in chunk]
         t0 = time.perf_counter()
-        describer.describe(chunk, batch=batch)
-        dt = time.perf_counter() - t0
-        batch_ms.append(1000.0 * dt)
-        per_image.append(1000.0 * dt / batch)
-        for s in STAGES:
-            stages[s].append(1000.0 * describer.timings.get(s, 0.0) / batch)
+        done = sum(1 for d in describer.stream(stream, batch) if d.ok)
+        pipelined_s = time.perf_counter() - t0
+        arrays = [np.stack([describer.preprocess(p) for p in chunk]) for chunk in timed]
+        t0 = time.perf_counter()
+        for x in arrays:
+            describer.forward(x, batch)
+        backend_s = time.perf_counter() - t0
+    del arrays
     stage_ms = {s: float(np.median(v)) for s, v in stages.items()}
     median = float(np.median(per_image))
     stage_ms["other"] = max(0.0, median - sum(stage_ms.values()))
+    pipelined_ips = done / pipelined_s if pipelined_s > 0 else None
+    backend_ips = batch * runs / backend_s if backend_s > 0 else None
     return {
         "batch": batch,
         "warmup": warmup,
         "runs": runs,
+        "preprocess": describer.preprocess_mode,
+        "workers": describer.workers,
         "per_image_ms": percentiles(per_image),
         "batch_ms": percentiles(batch_ms),
         "throughput_ips": float(batch * runs / (sum(batch_ms) / 1000.0)),
+        "pipelined_ips": pipelined_ips,
+        "backend_only_ips": backend_ips,
+        "pipelined_vs_backend_only": pipelined_ips / backend_ips if pipelined_ips and backend_ips else None,
+        "preprocess_share": stage_ms["preprocess"] / median if median > 0 else None,
         "stages_ms_per_image": stage_ms,
+        "memory": rss.report(),
     }
 
 
@@ -202,7 +235,7 @@ def bench_variant(cfg: BenchConfig, spec: VariantSpec, sub: Subset, ref: dict | 
         t0 = time.perf_counter()
         v: OpenedVariant = open_variant(
             spec, backend=cfg.backend, providers=cfg.providers, threads=cfg.threads, weights=cfg.weights,
-            device=cfg.device,
+            device=cfg.device, preprocess=cfg.preprocess, workers=cfg.workers,
         )
         load_s = time.perf_counter() - t0
         try:

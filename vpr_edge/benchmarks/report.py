@@ -92,6 +92,22 @@ def dataset_markdown(res: dict) -> str:
     out.append("")
     out.append("overhead % = (preprocess + aggregation + search) / backbone; target <= 10%. "
                "Descriptor-scope graphs run the aggregation inside 'backbone'.")
+    out += ["", "## Throughput: the pipeline against the backend alone", ""]
+    rows = []
+    for name, r in variants.items():
+        for b, lat in r["latency"].items():
+            if "pipelined_ips" not in lat:  # results of an older run
+                continue
+            mem = lat.get("memory", {})
+            rows.append([name, b, lat.get("preprocess", "-"), _f(lat["throughput_ips"], 1), _f(lat["pipelined_ips"], 1),
+                         _f(lat["backend_only_ips"], 1), _f(lat["pipelined_vs_backend_only"], pct=True),
+                         _f(lat["preprocess_share"], pct=True), _f(mem.get("rss_peak_mb"), 0)])
+    out.append(table(["variant", "batch", "preprocess", "sequential img/s", "pipelined img/s", "backend-only img/s",
+                      "pipelined / backend-only", "preprocess share", "peak RSS MB"], rows))
+    out.append("")
+    out.append("sequential: one describe call per batch (latency table); pipelined: the same images as one stream, "
+               "decoding in a pool of threads ahead of the backend; backend-only: the same batches preprocessed "
+               "beforehand. preprocess share = preprocess / end-to-end time per image (sequential).")
 
     out += ["", "## Memory and start-up", ""]
     rows = []

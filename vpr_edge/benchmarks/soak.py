@@ -44,6 +44,8 @@ class SoakConfig:
     threads: int | None = None
     seed: int = 0
     progress: bool = True
+    preprocess: str | None = None
+    workers: int | None = None
 
     def check(self) -> None:
         if self.queries < 1 or self.sample_every < 1 or self.warmup < 1:
@@ -93,7 +95,8 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
         items = synthetic_images(cfg.synthetic_images, cfg.synthetic_size, cfg.seed)
         source = f"{cfg.synthetic_images} synthetic {cfg.synthetic_size[0]}x{cfg.synthetic_size[1]} images"
     rss_start = rss_bytes()
-    with Describer.from_artifact(cfg.artifact, backend=cfg.backend, providers=cfg.providers, threads=cfg.threads) as d:
+    with Describer.from_artifact(cfg.artifact, backend=cfg.backend, providers=cfg.providers, threads=cfg.threads,
+                                 preprocess=cfg.preprocess, workers=cfg.workers) as d:
         own = d.describe(items[: min(cfg.map_size, MAP_OWN)], batch=8)
         fill = _unit_rows(max(0, cfg.map_size - len(own)), d.dim, cfg.seed)
         vectors = np.concatenate([own, fill]) if len(fill) else own

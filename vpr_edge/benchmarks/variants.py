@@ -132,6 +132,8 @@ def open_variant(
     threads: int | None = None,
     weights: str | None = None,
     device: str = "cpu",
+    preprocess: str | None = None,
+    workers: int | None = None,
 ) -> OpenedVariant:
     """A Describer for the variant: the artifact on its backend, or (PyTorch variants) the reference rebuilt
     from the artifact's manifest as the runtime's 'torch' backend, fed the same preprocessing."""
@@ -140,11 +142,12 @@ def open_variant(
 
     if spec.pytorch:
         opts = BackendOptions(weights=weights, device=device, fp16=spec.fp16, threads=threads)
-        d = Describer.from_artifact(spec.path, backend="torch", options=opts)
-        return OpenedVariant(spec, d, {**d.backend.describe(), "dim": d.dim})
+        d = Describer.from_artifact(spec.path, backend="torch", options=opts, preprocess=preprocess, workers=workers)
+        return OpenedVariant(spec, d, {**d.backend.describe(), "dim": d.dim, "preprocess": d.preprocess_mode})
     backend = spec.options.get("backend", backend)
     providers = spec.options.get("providers", providers)
-    d = Describer.from_artifact(spec.path, backend=backend, providers=providers, threads=threads)
+    d = Describer.from_artifact(spec.path, backend=backend, providers=providers, threads=threads,
+                                preprocess=preprocess, workers=workers)
     art = d.artifact
     be = d.backend.describe() if hasattr(d.backend, "describe") else {}
     info = {
@@ -154,6 +157,8 @@ def open_variant(
         "precision": art.precision,
         "scope": art.scope,
         "io_dtype": art.io_dtype,
+        "input_layout": art.input_layout,
+        "preprocess": d.preprocess_mode,
         "batch": art.manifest.details.get("batch"),
         "preset": art.preset.name,
         "dim": d.dim,

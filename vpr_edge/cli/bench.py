@@ -28,7 +28,8 @@ _ONLY = {
             "spread", "query_noise", "chunk"),
     "soak": ("sample_every", "images", "map_size", "index", "top_k"),
 }
-_SHARED = {"queries": ("map", "soak"), "backend": ("dataset", "soak"), "providers": ("dataset", "soak")}
+_SHARED = {"queries": ("map", "soak"), "backend": ("dataset", "soak"), "providers": ("dataset", "soak"),
+           "preprocess": ("dataset", "soak"), "workers": ("dataset", "soak")}
 
 def _count(text: str) -> int:
     """Integers, also written 1e6 or 1_000_000."""
@@ -198,6 +199,8 @@ def _run_dataset(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=device,
         progress=not args.quiet,
+        preprocess=args.preprocess,
+        workers=args.workers,
     )
     cfg.check()
     _set_threads(args.threads, torch_too=args.pytorch is not None)
@@ -272,6 +275,7 @@ def _run_soak(args: argparse.Namespace) -> int:
         warmup=_or(args.warmup, d.warmup), images=args.images, map_size=_or(args.map_size, d.map_size),
         index=_or(args.index, d.index), top_k=_or(args.top_k, d.top_k), backend=_or(args.backend, "auto"),
         providers=list(O.providers(args) or []) or None, threads=args.threads, seed=args.seed, progress=not args.quiet,
+        preprocess=args.preprocess, workers=args.workers,
     )
     cfg.check()
     _set_threads(args.threads, torch_too=False)

@@ -39,6 +39,9 @@ def register(sub) -> None:
                    help="backbone: image -> facet features only; descriptor: image -> descriptor in one graph")
     g.add_argument("--batch", type=_batch, default=None, metavar="N|dynamic", help="fixed batch N or dynamic (default)")
     g.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
+    g.add_argument("--input", choices=("float", "uint8"), default="float",
+                   help="float (default): normalised float [B, 3, H, W]; uint8: camera pixels [B, H, W, 3] RGB, cast and "
+                        "normalised inside the graph (the runtime then uses the fast preprocessing)")
     g.add_argument("--verify-limit", type=int, default=64, metavar="N", help="verify on at most N images (default 64)")
     g.add_argument("--accept-fidelity", action="store_true",
                    help="write the artifact even when outside tolerance (the manifest records it)")
@@ -80,6 +83,7 @@ def _run(args) -> int:
         calibration_limit=args.calibration_limit,
         target_agreement=args.target_agreement,
         io_dtype=args.io_dtype,
+        input=args.input,
         engine=args.engine,
         progress=not args.quiet,
         torch_worker=args.torch_worker,

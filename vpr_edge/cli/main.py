@@ -18,7 +18,7 @@ from vpr_edge.errors import VprEdgeError
 
 # name -> "module" exposing register(subparsers) -> parser with set_defaults(func=...)
 COMMANDS = {name: f"vpr_edge.cli.{name.replace('-', '_')}" for name in (
-    "presets", "vocab", "pca", "describe", "export", "build-engine", "map", "bench", "doctor", "distill",
+    "presets", "vocab", "pca", "describe", "export", "build-engine", "map", "run", "bench", "doctor", "distill",
 )}
 
 

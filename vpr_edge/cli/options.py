@@ -115,6 +115,13 @@ def add_runtime(p: argparse.ArgumentParser, *, model: str | None = "required", b
                    help="ONNX Runtime execution providers, e.g. cuda or tensorrt,cuda (default: CPU)")
     g.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for ONNX Runtime / PyTorch / faiss")
     g.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay the engine as a CUDA graph")
+    g.add_argument("--preprocess", choices=("exact", "fast"), default=None,
+                   help="exact (default for float-input artifacts): the reference's float resize; fast: JPEG draft "
+                        "decoding + uint8 resize, for camera frames (fidelity: benchmarks/results/preprocess); "
+                        "uint8-input artifacts take only fast")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="threads decoding/preprocessing ahead of the backend (default: half the cores, at most 4; "
+                        "0: none)")
     g.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of the artifact's files (sizes are still checked; hashes are "
                         "remembered per file, so the check costs seconds only the first time)")
@@ -133,4 +140,6 @@ def describer_kwargs(args: argparse.Namespace) -> dict:
         "threads": getattr(args, "threads", None),
         "cuda_graph": bool(getattr(args, "cuda_graph", False)),
         "verify": not getattr(args, "no_verify", False),
+        "preprocess": getattr(args, "preprocess", None),
+        "workers": getattr(args, "workers", None),
     }

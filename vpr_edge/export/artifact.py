@@ -49,6 +49,7 @@ class ExportOptions:
     calibration_limit: int = 512  # images taken from `calibration`, evenly spaced
     target_agreement: float | None = None
     io_dtype: str = "float32"
+    input: str = "float"  # 'float': normalised float [B, 3, H, W]; 'uint8': camera pixels [B, H, W, 3]
     engine: bool = False
     progress: bool = True
     torch_worker: str = "auto"  # on | off | auto (on for full-size presets, off for tiny test configs)
@@ -65,6 +66,8 @@ class ExportOptions:
                 f"--scope backbone: the {preset.aggregator.kind} head of {preset.name} runs only inside the graph (the "
                 "runtime aggregates VLAD/GeM in numpy, not this head); export it with --scope descriptor"
             )
+        if self.input not in ("float", "uint8"):
+            raise ConfigError(f"--input must be float or uint8, got {self.input!r}")
         if self.opset < 17:
             raise ConfigError(f"--opset must be >= 17 (LayerNormalization as one node), got {self.opset}")
         if self.batch is not None and self.batch < 1:
@@ -152,6 +155,14 @@ class _Writer:
         self.seed = seed
         self.side = side
 
+    @property
+    def precision(self) -> str:
+        return self.options.precision
+
+    @property
+    def io_dtype(self) -> str:
+        return self.options.io_dtype if self.options.precision == "fp16" else "float32"
+
     def write(self, onnx_path: Path, precision: str, details: dict, verification: dict, *, final: bool) -> Manifest:
         import onnx
 
@@ -168,7 +179,7 @@ class _Writer:
             {
                 "scope": o.scope,
                 "precision": precision,
-                "io_dtype": o.io_dtype if precision == "fp16" else "float32",
+                "io_dtype": self.io_dtype if precision == "fp16" else "float32",
                 "batch": o.batch or "dynamic",
                 "image_size": list(self.preset.preprocess.image_size),
                 "preprocess": asdict(self.preset.preprocess),
@@ -260,6 +271,10 @@ def export_artifact(
             details.update(lowered.details)
             _remove_graph(onnx_path)
             final_onnx = tmp / "model.onnx"
+        if options.input == "uint8":
+            verification["uint8_input"] = steps.run("uint8 input (normalised in the graph) + verifying", _uint8_input,
+                                                    preset, tmp, final_onnx, vs.images, writer, graph_rep)
+            details["input_layout"] = "uint8"
         details["tensorrt_check"] = steps.run("TensorRT compatibility (offline)", _tensorrt_check, final_onnx, options)
         details.update({"timings_s": steps.times, "peak_rss_gib": steps.peak_rss_gib})
         manifest = writer.write(final_onnx, options.precision, details, verification, final=True)
@@ -299,6 +314,36 @@ def _lower(preset: Preset, tmp: Path, fp32_path: Path, side, options: ExportOpti
     if calib_info:
         res.details["calibration_set"] = calib_info
     return res
+
+
+# relative: the same float32 ops as numpy's normalisation, in the same order (measured 0.0 on FP32, FP16 and
+# INT8 graphs with float32 input). With float16 graph input the uint8 graph's float -> float16 Cast may be
+# folded by ONNX Runtime into a following Cast back to float (the value is then not rounded to float16 where
+# the float-input graph rounded it): measured 7.4e-4, so one float16 step (2^-10 ~ 9.8e-4) twice over.
+UINT8_TOLERANCE = {"float32": 1e-5, "float16": 2e-3}
+
+
+def _uint8_input(preset: Preset, tmp: Path, onnx_path: Path, images: np.ndarray, writer: _Writer, graph_rep: dict) -> dict:
+    """Make the verified graph take uint8 [B, H, W, 3] and check it equals the float graph fed numpy's
+    normalisation (`imaging.fast.normalize`) of the same pixels: the verify images, quantised to uint8."""
+    from vpr_edge.engines.uint8_input import add_uint8_input
+    from vpr_edge.imaging.fast import normalize
+
+    pre = preset.preprocess
+    mean = np.asarray(pre.mean, np.float32)[:, None, None]
+    std = np.asarray(pre.std, np.float32)[:, None, None]
+    pixels = np.clip(np.rint((images * std + mean) * 255.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    _, want = _runtime_outputs(tmp, normalize(pixels, pre), raw=True)
+    add_uint8_input(onnx_path, pre)
+    writer.write(onnx_path, writer.precision, {"graph": graph_rep, "input_layout": "uint8"}, {}, final=False)
+    _, got = _runtime_outputs(tmp, np.ascontiguousarray(pixels), raw=True)
+    err = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-12))
+    tol = UINT8_TOLERANCE[writer.io_dtype]
+    if not err <= tol:
+        raise FidelityError(f"{onnx_path}: with uint8 input the graph differs from the float graph fed the same pixels "
+                            f"(relative error {err:.2e} > {tol}); nothing was written")
+    return {"compared_with": "the float-input graph fed imaging.fast.normalize of the same uint8 pixels",
+            "images": int(len(pixels)), "rel_err": err, "tolerance": tol, "passed": True}
 
 
 def _tensorrt_check(onnx_path: Path, options: ExportOptions) -> dict:

@@ -40,6 +40,7 @@ class TorchBackend:
         self.max_batch: int | None = None
         self.input_hw = (None, None)
         self._info = dict(info or {})
+        self.normalize: tuple[np.ndarray, np.ndarray] | None = None  # uint8-input artifacts: (mean, std) x 255
 
     @classmethod
     def for_artifact(cls, art: Any, options) -> "TorchBackend":
@@ -54,7 +55,11 @@ class TorchBackend:
         info = {"backend": "pytorch", "device": device, "precision": "fp16" if options.fp16 else "fp32",
                 "scope": "eager", "preset": art.preset.name, "weights": ref.weights, "seed": ref.seed,
                 "built_from": str(art.folder)}
-        return cls(ref.model, scope=art.scope, device=device, fp16=options.fp16, info=info)
+        be = cls(ref.model, scope=art.scope, device=device, fp16=options.fp16, info=info)
+        if art.input_layout == "uint8":  # the artifact normalises in its graph; the reference does it here
+            pre = art.preset.preprocess
+            be.normalize = (np.asarray(pre.mean, np.float32) * 255, np.asarray(pre.std, np.float32) * 255)
+        return be
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -63,6 +68,9 @@ class TorchBackend:
     def run(self, images: np.ndarray) -> np.ndarray:
         if self.model is None:
             raise ConfigError("the PyTorch backend is closed")
+        if self.normalize is not None:  # uint8 [B, H, W, 3] -> normalised float [B, 3, H, W]
+            mean, std = self.normalize
+            images = ((np.asarray(images, np.float32) - mean) / std).transpose(0, 3, 1, 2)
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
             feats = self.model.backbone(x.half() if self.fp16 else x)

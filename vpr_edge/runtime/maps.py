@@ -40,13 +40,11 @@ import numpy as np
 
 from vpr_edge.atomic import atomic_file, check_disk
 from vpr_edge.datasets import collect_images, parse_utm
-from vpr_edge.imaging.decode import load_rgb
 from vpr_edge.errors import ArtifactError, ConfigError, InputError
 from vpr_edge.integrity import file_sha256, sha256_file
 from vpr_edge.manifest import MANIFEST_NAME, Manifest, package_versions
 from vpr_edge.space import Identity, require_same
 from vpr_edge.runtime import map_index
-from vpr_edge.runtime.describer import row_problems
 
 log = logging.getLogger(__name__)
 
@@ -343,6 +341,7 @@ def _map_manifest(art, describer, index: dict, metadata: str | None, chunk_size:
             },
             "index": index,
             "metadata": metadata,
+            "preprocess": describer.preprocess_mode,  # of the database images (queries may use the other)
             "chunk_size": chunk_size,
             "complete": False,
             "count": 0,
@@ -386,43 +385,21 @@ def _encode(
             part = pending[start : start + chunk_size]
             chunk = Chunk(next_id, [], [], [], sizes=[] if keep else None)
             descs, feats = [], []
-            for b in range(0, len(part), batch):
-                xs, read, sizes = [], [], []
-                for p in part[b : b + batch]:
-                    try:
-                        if keep:  # decoded once here: the source size is what a student's views are drawn on
-                            rgb = load_rgb(p, max_pixels=describer.max_pixels)
-                            sizes.append(list(rgb.shape[:2]))
-                            xs.append(describer.preprocess(rgb))
-                        else:
-                            xs.append(describer.preprocess(p))
-                        read.append(p)
-                    except InputError as exc:
-                        log.warning("skipping unreadable image: %s", exc)
-                        chunk.failed.append({"path": str(p), "error": str(exc)})
-                if xs:
-                    x = np.stack(xs)
-                    if keep:
-                        raw = describer.run_backend(x)
-                        out = describer.aggregate(raw)
-                        describer.images += len(x)
-                    else:
-                        out = describer.forward(x)
-                    for j, (p, row, problem) in enumerate(zip(read, out, row_problems(out))):
-                        if problem:  # stored, it would never be returned (NaN) or would match everything
-                            msg = f"{p}: its descriptor has {problem}; the model or its vocabulary/PCA is broken for this image"
-                            log.warning("skipping image: %s", msg)
-                            chunk.failed.append({"path": str(p), "error": msg})
-                            continue
-                        chunk.files.append(str(p))
-                        utm = parse_utm(p.name) if want_utm else None
-                        chunk.utm.append(list(utm) if utm else None)
-                        descs.append(row[None])
-                        if keep:
-                            feats.append(raw[j : j + 1].astype(np.float16))
-                            chunk.sizes.append(sizes[j])
+            for d in describer.stream(part, batch, keep_raw=keep, sizes=keep):
+                if d.error is not None:  # unreadable, or a descriptor that stored would never be returned
+                    # (NaN) or would match everything (zero)
+                    log.warning("skipping %s: %s", "unreadable image" if d.descriptor is None else "image", d.error)
+                    chunk.failed.append({"path": str(d.item), "error": d.error})
+                else:
+                    chunk.files.append(str(d.item))
+                    utm = parse_utm(d.item.name) if want_utm else None
+                    chunk.utm.append(list(utm) if utm else None)
+                    descs.append(d.descriptor[None])
+                    if keep:  # the source size is what a student's views are drawn on
+                        feats.append(d.raw[None].astype(np.float16))
+                        chunk.sizes.append(list(d.size))
                 if bar is not None:
-                    bar.update(len(part[b : b + batch]))
+                    bar.update(1)
             arr = np.concatenate(descs) if descs else np.zeros((0, describer.dim), dtype=np.float32)
             if keep:
                 shape = (0, *(m.details["teacher_features"]["shape"]))
@@ -731,21 +708,11 @@ def query_map(
     rows: dict[int, np.ndarray] = {}
     try:
         _space_refusal(m.manifest, describer.artifact.manifest, m.folder, str(source))
-        for start in range(0, len(paths), batch):
-            xs, idx = [], []
-            for i in range(start, min(start + batch, len(paths))):
-                try:
-                    xs.append(describer.preprocess(paths[i]))
-                    idx.append(i)
-                except InputError as exc:
-                    errors[i] = str(exc)
-            if xs:
-                out = describer.forward(np.stack(xs))
-                for i, row, problem in zip(idx, out, row_problems(out)):
-                    if problem:
-                        errors[i] = f"{paths[i]}: its descriptor has {problem}; the model cannot place this image"
-                    else:
-                        rows[i] = row
+        for d in describer.stream(paths, batch):
+            if d.error is not None:
+                errors[d.index] = d.error
+            else:
+                rows[d.index] = d.descriptor
     finally:
         if own:
             describer.close()
@@ -760,10 +727,14 @@ def query_map(
         if i in errors:
             results_out.append({"query": str(path), "error": errors[i]})
             continue
-        srow, irow = found[i]
-        results = []
-        for rank, (s, j) in enumerate(((s, j) for s, j in zip(srow, irow) if j >= 0), start=1):
-            e = entries[int(j)]
-            results.append({"rank": rank, "file": e["path"], "score": float(s), "id": int(j), "utm": e.get("utm")})
-        results_out.append({"query": str(path), "results": results})
+        results_out.append({"query": str(path), "results": ranked_results(entries, *found[i])})
     return results_out
+
+
+def ranked_results(entries: list[dict], scores: np.ndarray, ids: np.ndarray) -> list[dict]:
+    """One query's search row -> [{"rank", "file", "score", "id", "utm"}] (faiss pads misses with id -1)."""
+    out = []
+    for rank, (s, j) in enumerate(((s, j) for s, j in zip(scores, ids) if j >= 0), start=1):
+        e = entries[int(j)]
+        out.append({"rank": rank, "file": e["path"], "score": float(s), "id": int(j), "utm": e.get("utm")})
+    return out

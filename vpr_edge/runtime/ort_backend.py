@@ -44,12 +44,17 @@ class OrtBackend:
         self.output_name = outputs[0].name
         self.output = "features" if self.output_name == "features" else "descriptor"
         shape = inputs[0].shape
+        # uint8 input (`vpr-export --input uint8`): [B, H, W, 3] RGB, normalised inside the graph
+        self.input_layout = "uint8" if inputs[0].type == "tensor(uint8)" else "float"
         if len(shape) != 4:
-            raise ArtifactError(f"{self.path}: input must be [B, 3, H, W], got {shape}")
+            want = "[B, H, W, 3]" if self.input_layout == "uint8" else "[B, 3, H, W]"
+            raise ArtifactError(f"{self.path}: input must be {want}, got {shape}")
         self.batch_size: int | None = onnxrt.fixed_batch(self.session)
         self.max_batch: int | None = self.batch_size
-        self.input_hw: tuple[int | None, int | None] = tuple(s if isinstance(s, int) else None for s in shape[2:])
+        hw = shape[1:3] if self.input_layout == "uint8" else shape[2:]
+        self.input_hw: tuple[int | None, int | None] = tuple(s if isinstance(s, int) else None for s in hw)
         self.io_dtype = np.float16 if io_dtype == "float16" else np.float32
+        self.input_dtype = np.uint8 if self.input_layout == "uint8" else self.io_dtype
 
     @classmethod
     def for_artifact(cls, art: Any, options) -> "OrtBackend":
@@ -59,7 +64,7 @@ class OrtBackend:
     def run(self, images: np.ndarray) -> np.ndarray:
         if self.session is None:
             raise ConfigError(f"{self.path}: backend is closed")
-        x = np.ascontiguousarray(images, dtype=self.io_dtype)
+        x = np.ascontiguousarray(images, dtype=self.input_dtype)
         (out,) = self.session.run([self.output_name], {self.input_name: x})
         return np.asarray(out, dtype=np.float32)
 

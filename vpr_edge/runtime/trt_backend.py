@@ -136,7 +136,7 @@ class TrtBackend:
                 ) from None
         shape = tuple(eng.get_tensor_shape(self.input_name))
         if len(shape) != 4:
-            raise ArtifactError(f"{self.path}: input {self.input_name} must be [B, 3, H, W], got {shape}")
+            raise ArtifactError(f"{self.path}: input {self.input_name} must be 4-d ([B, 3, H, W] or uint8 [B, H, W, 3]), got {shape}")
         self.dynamic = any(s < 0 for s in shape)
         if self.dynamic:
             lo, _opt, hi = (tuple(s) for s in eng.get_tensor_profile_shape(self.input_name, 0))
@@ -146,8 +146,11 @@ class TrtBackend:
             self.min_shape = self.max_shape = shape
             self.batch_size = shape[0]
         self.max_batch = int(self.max_shape[0])
-        self.input_hw = (int(self.max_shape[2]), int(self.max_shape[3]))
         self.input_dtype = self._dtypes[self.input_name]
+        # uint8 input (`vpr-export --input uint8`): [B, H, W, 3], normalised inside the engine
+        self.input_layout = "uint8" if self.input_dtype == np.uint8 else "float"
+        hw = self.max_shape[1:3] if self.input_layout == "uint8" else self.max_shape[2:4]
+        self.input_hw = (int(hw[0]), int(hw[1]))
 
     # -- per-thread slots -----------------------------------------------------------------------
     def _slot(self) -> _Slot:
