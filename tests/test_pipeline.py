@@ -285,3 +285,32 @@ def test_run_refuses_bad_sources(toy, database, tmp_path, capsys):
     pytest.importorskip("av")
     assert _cli("run", str(m.folder), str(broken)) == 2
     assert "broken.mp4: not a video FFmpeg can open" in capsys.readouterr().err
+
+
+# -- memory and graph rewrites -------------------------------------------------------------------
+def test_default_batch_follows_the_memory_estimate(toy):
+    from vpr_edge.runtime.describer import Describer
+    from vpr_edge.runtime.memory import DEFAULT_BUDGET_BYTES, activation_bytes, default_batch
+
+    dino = presets.get("anyloc-dino")  # 3025 tokens at stride 4: measured 1.15 GB per image
+    assert 1.0e9 < activation_bytes(dino) < 2.0e9 and default_batch(dino) == 1
+    assert default_batch(presets.get("anyloc-dinov2-vits14")) == 8
+    assert default_batch(presets.get("anyloc-dinov2")) * activation_bytes(presets.get("anyloc-dinov2")) <= DEFAULT_BUDGET_BYTES
+    assert default_batch(dino, budget_bytes=1) == 1  # never below one image
+    with Describer.from_artifact(toy) as d:
+        assert d.default_batch == default_batch(d.preset) == 8
+
+
+def test_fp32_export_rewrites_are_recorded_and_exact():
+    pytest.importorskip("torch")
+    from vpr_edge.export.artifact import ExportOptions, export_artifact
+
+    preset = presets.get("anyloc-dinov2-vits14@tiny")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        m = export_artifact(preset, Path(tmp) / "a", options=ExportOptions(scope="backbone", progress=False))
+    blocks = preset.facet.layer  # full blocks computed before the facet's block
+    rw = m.details["graph"]["rewrites"]
+    assert rw == {"gelu_reordered_for_ort_fusion": blocks, "layerscale_folded_into_weights": 2 * blocks}
+    assert m.verification["fp32"]["report"]["rel_err"] < 1e-5 and m.verification["fp32"]["passed"]

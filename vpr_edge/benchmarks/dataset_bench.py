@@ -50,7 +50,7 @@ class BenchConfig:
     runs: int = 50
     warmup: int = 5
     limit: int | None = None
-    describe_batch: int = 8
+    describe_batch: int | None = None  # None: the artifact's default batch (memory estimate)
     ks: tuple[int, ...] = KS
     fidelity_ks: tuple[int, ...] = (1, 5, 10)
     search_runs: int = 200
@@ -76,7 +76,7 @@ class BenchConfig:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
         if self.limit is not None and self.limit < 2:
             raise ConfigError(f"--limit must be >= 2, got {self.limit}")
-        if self.describe_batch < 1:
+        if self.describe_batch is not None and self.describe_batch < 1:
             raise ConfigError(f"--describe-batch must be >= 1, got {self.describe_batch}")
         names = [v.name for v in self.variants]
         if self.baseline is not None and self.baseline not in names:

@@ -75,7 +75,7 @@ def register(sub) -> argparse.ArgumentParser:
     d.add_argument("--runs", type=int, default=None, help="timed batches per batch size (default 50)")
     d.add_argument("--limit", type=int, default=None, metavar="N",
                    help="N evenly spaced queries and a database of their positives filled up to N images")
-    d.add_argument("--describe-batch", type=int, default=None, help="batch for the accuracy pass (default 8)")
+    d.add_argument("--describe-batch", type=int, default=None, help="batch for the accuracy pass (default: the artifact's default batch)")
     d.add_argument("--search-runs", type=int, default=None, help="timed single-query searches (default 200)")
     d.add_argument("--match-grid", type=int, default=None, metavar="N", help="queries in each variant's match grid (default 4; 0: none)")
     d.add_argument("--grid-k", type=int, default=None, help="retrieved images per query in the match grid (default 5)")
@@ -187,7 +187,7 @@ def _run_dataset(args: argparse.Namespace) -> int:
         runs=_or(args.runs, 50),
         warmup=_or(args.warmup, 5),
         limit=args.limit,
-        describe_batch=_or(args.describe_batch, 8),
+        describe_batch=args.describe_batch,
         search_runs=_or(args.search_runs, 200),
         match_grid=_or(args.match_grid, 4),
         grid_k=_or(args.grid_k, 5),

@@ -108,7 +108,9 @@ def add_runtime(p: argparse.ArgumentParser, *, model: str | None = "required", b
             + ("" if model == "required" else " (default: the one the map was built with)"),
         )
     if batch:
-        g.add_argument("--batch", type=int, default=8, metavar="N", help="images per forward pass (default 8)")
+        g.add_argument("--batch", type=int, default=None, metavar="N",
+                       help="images per forward pass (default: what the artifact's estimated activations fit in "
+                            "1.2 GB, at most 8; 1 for anyloc-dino's 3025 tokens)")
     g.add_argument("--backend", choices=names(), default=None,
                    help="auto (default): TensorRT for engines, ONNX Runtime otherwise; torch: the PyTorch reference")
     g.add_argument("--providers", default=None, metavar="EP[,EP]",

@@ -241,7 +241,8 @@ def export_artifact(
         side = run_torch(preset, weights, vocabulary, pca, options, seed, onnx_path)
         steps.merge(side.times, side.peak_rss_gib)
         vs, ref_out, ref_desc = side.verify, side.reference, side.reference_desc
-        graph_rep = _graph_report(preset, onnx_path)
+        graph_rep = _graph_report(preset, onnx_path)  # on the exporter's graph, whose nodes carry module scopes
+        graph_rep["rewrites"] = steps.run("exact rewrites for ONNX Runtime", _rewrite, onnx_path)
         writer = _Writer(tmp, preset, side, options, weights, seed)
         writer.write(onnx_path, "fp32", {"graph": graph_rep}, {}, final=False)
         backbone = options.scope == "backbone"
@@ -344,6 +345,19 @@ def _uint8_input(preset: Preset, tmp: Path, onnx_path: Path, images: np.ndarray,
                             f"(relative error {err:.2e} > {tol}); nothing was written")
     return {"compared_with": "the float-input graph fed imaging.fast.normalize of the same uint8 pixels",
             "images": int(len(pixels)), "rel_err": err, "tolerance": tol, "passed": True}
+
+
+def _rewrite(onnx_path: Path) -> dict[str, int]:
+    """`engines.precision.rewrites.tidy_for_ort` on the FP32 graph, in place, before it is verified: GELU in
+    the order ONNX Runtime fuses and LayerScale folded into the weights (standard ops; the FP16/INT8
+    lowerings start from it). What changed is recorded; a graph with nothing to rewrite is left as it is."""
+    from vpr_edge.engines.precision.rewrites import tidy_for_ort
+
+    model = graph.load(onnx_path)
+    counts = tidy_for_ort(model)
+    if any(counts.values()):
+        graph.save(model, onnx_path)
+    return counts
 
 
 def _tensorrt_check(onnx_path: Path, options: ExportOptions) -> dict:

@@ -22,6 +22,7 @@ from vpr_edge.imaging import ImageSource
 from vpr_edge.runtime.aggregate import Aggregation
 from vpr_edge.runtime import backends
 from vpr_edge.runtime.backends import BackendOptions, open_backend
+from vpr_edge.runtime import memory
 from vpr_edge.runtime.pipeline import prefetch
 
 STAGES = ("preprocess", "backbone", "aggregation")  # summed seconds; preprocess across its threads
@@ -107,6 +108,18 @@ class Describer:
         self.timings: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         self.images = 0
         self._checked = False
+        self.default_batch = self._default_batch()
+
+    def _default_batch(self) -> int:
+        """Images per backend run when the caller does not say: the network's fixed batch, else what the
+        memory estimate fits in the budget (`runtime.memory`)."""
+        fixed = getattr(self.backend, "batch_size", None)
+        if fixed:
+            return int(fixed)
+        half = self.artifact.precision == "fp16" and getattr(self.backend, "name", "") == "trt"
+        batch = memory.default_batch(self.preset, dtype_bytes=2 if half else 4)
+        most = getattr(self.backend, "max_batch", None)
+        return min(batch, most) if most else batch
 
     @classmethod
     def from_artifact(
@@ -186,10 +199,10 @@ class Describer:
 
     def run_backend(self, x: np.ndarray, batch: int | None = None) -> np.ndarray:
         """Preprocessed images [B, 3, H, W] (uint8 [B, H, W, 3] for uint8-input artifacts) -> the backend's raw outputs (descriptors or features), in
-        runs of `batch` images (default: as many as the backend takes)."""
+        runs of `batch` images (default: `default_batch`)."""
         self._check_input(x)
         t = time.perf_counter()
-        step = batch or getattr(self.backend, "max_batch", None)
+        step = batch or self.default_batch
         out = run_batched(self.backend.run, x, batch=step, fixed=getattr(self.backend, "batch_size", None))
         self.timings["backbone"] += time.perf_counter() - t
         self._check_output(out)
@@ -213,7 +226,7 @@ class Describer:
         self.images += len(x)
         return out
 
-    def stream(self, items: Iterable[ImageSource], batch: int = 1, *, workers: int | None = None,
+    def stream(self, items: Iterable[ImageSource], batch: int | None = 1, *, workers: int | None = None,
                keep_raw: bool = False, sizes: bool = False) -> Iterator[Described]:
         """Images (any iterable, a camera generator included) -> one `Described` per image, in input order.
 
@@ -221,7 +234,9 @@ class Describer:
         `pipeline.default_workers()`; 0: in this thread); `batch` images go through the backend together
         (1 for a live camera: a frame is answered before the next is waited for). An unreadable image, or
         one whose descriptor is NaN/inf or zero, comes back with `error` set and the stream goes on.
-        `keep_raw`: also return each image's backend output; `sizes`: each source image's decoded (h, w)."""
+        `keep_raw`: also return each image's backend output; `sizes`: each source image's decoded (h, w).
+        batch=None: `default_batch`."""
+        batch = self.default_batch if batch is None else batch
         if batch < 1:
             raise ConfigError(f"batch must be >= 1, got {batch}")
         workers = self.workers if workers is None else workers
@@ -264,9 +279,11 @@ class Describer:
         if group:
             yield from flush()
 
-    def describe(self, items: Iterable[ImageSource], batch: int = 8, progress: bool = False) -> np.ndarray:
-        """Images -> float32 [n, dim] through the pipeline (`stream`); an unreadable image raises
-        InputError naming it. Rows are returned as computed (check untrusted ones with `row_problems`)."""
+    def describe(self, items: Iterable[ImageSource], batch: int | None = None, progress: bool = False) -> np.ndarray:
+        """Images -> float32 [n, dim] through the pipeline (`stream`; batch None: `default_batch`); an
+        unreadable image raises InputError naming it. Rows are returned as computed (check untrusted ones
+        with `row_problems`)."""
+        batch = self.default_batch if batch is None else batch
         if batch < 1:
             raise ConfigError(f"batch must be >= 1, got {batch}")
         items = list(items)

@@ -495,7 +495,7 @@ def build_map(
     artifact: str | Path,
     output: str | Path,
     *,
-    batch: int = 8,
+    batch: int | None = None,
     index: str = "flat",
     index_options: dict | None = None,
     metadata: str | None = None,
@@ -526,7 +526,7 @@ def build_map(
     spec = {"type": index, **options}
     if metadata not in METADATA:
         raise ConfigError(f"--metadata must be 'utm' or absent, got {metadata!r}")
-    if batch < 1 or chunk_size < 1:
+    if (batch is not None and batch < 1) or chunk_size < 1:
         raise ConfigError(f"--batch and --chunk must be >= 1, got {batch} and {chunk_size}")
     out = Path(output)
     paths = collect_images(images, recursive=recursive)
@@ -629,7 +629,7 @@ def add_to_map(
     images: Sequence[str | Path],
     *,
     artifact: str | Path | None = None,
-    batch: int = 8,
+    batch: int | None = None,
     recursive: bool = False,
     describer=None,
     progress: bool = True,
@@ -682,7 +682,7 @@ def query_map(
     *,
     top_k: int = 5,
     artifact: str | Path | None = None,
-    batch: int = 8,
+    batch: int | None = None,
     describer=None,
     nprobe: int | None = None,
     rerank: int | None = None,
