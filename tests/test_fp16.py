@@ -140,6 +140,27 @@ def test_overflow_guard_keeps_the_planted_block(toy_path, data, tmp_path):
     assert result.verification["report"]["nonfinite"] == 0
 
 
+@pytest.mark.parametrize("scale", [2e5, 1e39])
+def test_reduced_scan_equals_the_exposed_tensors(toy_path, data, tmp_path, scale):
+    """The one-pass scan (max |t| and a NaN probe reduced inside the graph) flags exactly what reading
+    every tensor flags, with the same statistics: finite overflow (2e5) and FP32 infinities (1e39: infinite weights)."""
+    from vpr_edge.engines.precision import fp16 as F
+
+    verify, _ = data
+    planted = toy.plant_overflow(toy_path, tmp_path / "planted.onnx", block=1, scale=scale)
+    batches = [verify.images[:3], verify.images[3:8]]
+    flagged = F.fp16_overflow_scan(planted, batches)
+    model = G.load(planted)
+    candidates = F._scan_candidates(model, set(F.default_fp32_islands(model)))
+    brute = F._exposed_stats(model, candidates, batches, None)
+    expected = {t for t, s in brute.items() if s["nonfinite"] or s["max_abs"] > F.OVERFLOW_FRACTION * F.FP16_MAX}
+    assert expected and set(flagged) == expected
+    for t, info in flagged.items():
+        assert info["nonfinite"] == brute[t]["nonfinite"]
+        assert info["max_abs"] == pytest.approx(brute[t]["max_abs"], rel=1e-6)
+    assert any(i["nonfinite"] for i in flagged.values()) == (scale > 1e30)
+
+
 @pytest.mark.slow
 def test_real_tiny_export_meets_fp16_thresholds(corridor, tmp_path):
     """The exporter's own tiny AnyLoc artifact (random weights, vocabulary fitted on Corridor).

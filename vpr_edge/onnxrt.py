@@ -56,12 +56,16 @@ def session(
     optimize: bool = True,
     prepack: bool = True,
     weights_dir: str | Path | None = None,
+    written_order: bool = False,
 ) -> Any:
     """An InferenceSession of `model` (a path, or an in-memory ModelProto).
 
     prepack=False runs on the loaded weights as they are instead of prepacking a second copy of every
     MatMul weight (~1x the weights resident instead of ~2x; for verification and calibration passes).
     optimize=False sees the graph as written (the FP16 overflow scan reads every tensor by name).
+    written_order: run the nodes in the order the graph lists them (ORT's priority-based order) instead of
+    ORT's default order, which may run a side branch late and keep its input alive the whole run
+    (the overflow scan's reductions: 2.13 GB peak vs 0.48 GB on ViT-S/14, batch 4).
     weights_dir: for a ModelProto whose weights are external files in that folder (ONNX Runtime refuses
     weight paths outside the model's folder, so the graph is written there while the session loads)."""
     ort = lazy_import("onnxruntime")
@@ -72,6 +76,9 @@ def session(
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
+    if written_order:
+        opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        opts.enable_mem_pattern = False  # patterns are planned for the default order
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )

@@ -37,6 +37,7 @@ from vpr_edge.lazy import lazy_import
 log = logging.getLogger(__name__)
 
 FP16_MAX = 65504.0
+SCAN_BATCH = 4  # overflow-scan images per run at most (`scan_batch` lowers it for big token counts)
 OVERFLOW_FRACTION = 0.5  # flag values above half the FP16 range: one more add or square overflows
 _IO_DTYPES = {"float32": G.FLOAT, "float16": G.FLOAT16}
 
@@ -374,16 +375,121 @@ def _version(dist: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _tensor_bytes_per_item(model) -> dict[str, int]:
-    """Bytes of each float tensor per batch item, from inferred shapes (symbolic dims count as 1)."""
-    out = {}
+def scan_batch(fp32_onnx: str | Path, budget: int = 2 << 30) -> int:
+    """Images per overflow-scan run: SCAN_BATCH, fewer where ~8 copies of the graph's largest tensor per
+    image (a rough activation peak) would pass `budget` (ViT-S/8 at 3025 tokens: 1; ViT-G/14 at 224: 4)."""
+    model = G.with_shapes(G.load(fp32_onnx, load_weights=False))
+    largest = 0
     for vi in model.graph.value_info:
         dims = vi.type.tensor_type.shape.dim
         n = 1
         for d in dims[1:] if dims else ():
             n *= d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
-        out[vi.name] = 4 * n
+        largest = max(largest, 4 * n)
+    return int(max(1, min(SCAN_BATCH, budget // max(1, 8 * largest))))
+
+
+def _scan_candidates(model, keep: set[str]) -> list[str]:
+    """Float tensors that would be FP16: outputs of nodes unless producer and consumers all stay FP32."""
+    idx = G.GraphIndex.of(model)
+    types = G.tensor_types(G.with_shapes(model))
+    out = []
+    for name, node in idx.nodes.items():
+        for t in node.output:
+            if not t or types.get(t) != G.FLOAT:
+                continue
+            if name in keep and all(c in keep for c in idx.consumers.get(t, [])):
+                continue
+            out.append(t)
     return out
+
+
+def _scan_graph(model, candidates: list[str]):
+    """A copy of the graph that reduces every candidate tensor inside the graph to two scalars: max |t|
+    and sum(t * 0), which is NaN exactly when t holds a non-finite value; (graph, [(t, max, nan probe)])."""
+    onnx = lazy_import("onnx")
+    helper = onnx.helper
+    probe = type(model)()
+    probe.CopyFrom(model)
+    zero = "__overflow_scan_zero"
+    probe.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((), np.float32), zero))
+    # each reduction right after its producer, run in that order (`session(written_order=True)`), so
+    # tensors die as they would in the plain graph
+    reductions: dict[str, list] = {}
+    outs = []
+    for i, t in enumerate(candidates):
+        a, m, z, s = (f"__overflow_scan_{k}_{i}" for k in ("abs", "max", "zero", "nf"))
+        reductions[t] = [
+            helper.make_node("Abs", [t], [a], name=a),
+            helper.make_node("ReduceMax", [a], [m], name=m, keepdims=0),
+            helper.make_node("Mul", [t, zero], [z], name=z),
+            helper.make_node("ReduceSum", [z], [s], name=s, keepdims=0),
+        ]
+        outs.append((t, m, s))
+    nodes = []
+    for node in probe.graph.node:
+        nodes.append(node)
+        for t in node.output:
+            nodes.extend(reductions.get(t, ()))
+    del probe.graph.node[:]
+    probe.graph.node.extend(nodes)
+    del probe.graph.output[:]
+    for _, m, s in outs:
+        probe.graph.output.extend([helper.make_tensor_value_info(m, G.FLOAT, []),
+                                   helper.make_tensor_value_info(s, G.FLOAT, [])])
+    return probe, outs
+
+
+def _reduced_scan(model, candidates: list[str], batches: list[np.ndarray], weights_dir: Path | None):
+    """max |t| of every candidate over `batches` and the tensors holding non-finite values, in one run
+    per batch of `_scan_graph`. Only scalars leave the session, so every tensor is scanned in one pass
+    (exposing the tensors themselves took ~2 GB per ViT-G image, hence several passes, each loading
+    the weights again)."""
+    from vpr_edge.onnxrt import session
+
+    probe, outs = _scan_graph(model, candidates)
+    # the graph as written (no fusions), so every reduced tensor is the one the FP16 graph will hold
+    sess = session(probe, optimize=False, prepack=False, weights_dir=weights_dir, written_order=True)
+    input_name = model.graph.input[0].name
+    names = [n for _, m, s in outs for n in (m, s)]
+    max_abs = dict.fromkeys(candidates, 0.0)
+    suspect: set[str] = set()
+    for batch in batches:
+        values = dict(zip(names, sess.run(names, {input_name: batch})))
+        for t, m, s in outs:
+            mv, sv = float(values[m]), float(values[s])
+            if not (np.isfinite(mv) and np.isfinite(sv)):
+                suspect.add(t)
+            else:
+                max_abs[t] = max(max_abs[t], mv)
+    return max_abs, suspect
+
+
+def _exposed_stats(model, tensors: list[str], batches: list[np.ndarray], weights_dir: Path | None):
+    """max |finite value| and non-finite count of `tensors`, exposed as graph outputs (for the few tensors
+    the reduced scan found non-finite values in: their count and finite maximum need the values)."""
+    from vpr_edge.onnxrt import session
+
+    onnx = lazy_import("onnx")
+    probe = type(model)()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for t in tensors:
+        if t not in existing:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(t, G.FLOAT, None))
+    sess = session(probe, optimize=False, prepack=False, weights_dir=weights_dir)
+    input_name = model.graph.input[0].name
+    stats = {t: {"max_abs": 0.0, "nonfinite": 0} for t in tensors}
+    for batch in batches:
+        values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {input_name: batch})))
+        for t in tensors:
+            v = values[t]
+            finite = np.isfinite(v)
+            stats[t]["nonfinite"] += int(v.size - finite.sum())
+            if finite.any():
+                stats[t]["max_abs"] = max(stats[t]["max_abs"], float(np.abs(v[finite]).max()))
+        del values
+    return stats
 
 
 def fp16_overflow_scan(
@@ -392,75 +498,26 @@ def fp16_overflow_scan(
     *,
     keep_fp32: Iterable[str] | None = None,
     threshold: float = OVERFLOW_FRACTION * FP16_MAX,
-    max_outputs_per_run: int | None = None,
-    memory_budget: int = 1 << 30,
 ) -> dict[str, dict[str, Any]]:
-    """Run the FP32 graph with intermediate tensors exposed; return the tensors that would be FP16
-    and exceed `threshold` or are non-finite: tensor -> {producer, consumers, max_abs, nonfinite}.
+    """Run the FP32 graph once per input batch and return the tensors that would be FP16 and exceed
+    `threshold` or are non-finite: tensor -> {producer, consumers, max_abs, nonfinite}.
 
     keep_fp32: nodes that stay FP32 anyway (default: the default islands); a tensor produced and
-    consumed only by them is never FP16 and is not flagged. max_outputs_per_run bounds memory on
-    big graphs by exposing that many tensors per pass (the inputs are re-run per pass)."""
-    from vpr_edge.onnxrt import session
-
-    onnx = lazy_import("onnx")
+    consumed only by them is never FP16 and is not flagged. Memory is the graph's own activations
+    at the batch size given (the statistics are reduced inside the graph)."""
     external = G.external_data_files(fp32_onnx)
+    weights_dir = Path(fp32_onnx).parent if external else None
     model = G.load(fp32_onnx, load_weights=not external)
     idx = G.GraphIndex.of(model)
     keep = set(default_fp32_islands(model)) if keep_fp32 is None else set(keep_fp32)
-    types = G.tensor_types(G.with_shapes(model))
-    candidates = []
-    for name, node in idx.nodes.items():
-        for t in node.output:
-            if not t or types.get(t) != G.FLOAT:
-                continue
-            consumers = idx.consumers.get(t, [])
-            if name in keep and all(c in keep for c in consumers):
-                continue
-            candidates.append(t)
+    candidates = _scan_candidates(model, keep)
     batches = [np.ascontiguousarray(b, dtype=np.float32) for b in inputs]
     if not batches:
         raise ConfigError("fp16 overflow scan needs at least one input batch")
-    stats: dict[str, dict[str, Any]] = {}
-    input_name = model.graph.input[0].name
-    existing = {o.name for o in model.graph.output}
-    if max_outputs_per_run:
-        chunks = [candidates[i : i + max_outputs_per_run] for i in range(0, len(candidates), max_outputs_per_run)]
-    else:
-        # every exposed tensor stays alive until the run ends: a full-size ViT exposes ~2 GB per image,
-        # so group tensors into passes of at most `memory_budget` bytes for the largest batch
-        per_item = _tensor_bytes_per_item(G.with_shapes(model))
-        rows = max(int(b.shape[0]) for b in batches)
-        chunks, cur, size = [], [], 0
-        for t in candidates:
-            b = per_item.get(t, 16 << 20) * rows  # unknown shape: assume a large tensor
-            if cur and size + b > memory_budget:
-                chunks.append(cur)
-                cur, size = [], 0
-            cur.append(t)
-            size += b
-        if cur:
-            chunks.append(cur)
-    for chunk in chunks:
-        chunk = [t for t in chunk if t not in existing]
-        probe = type(model)()
-        probe.CopyFrom(model)
-        for t in chunk:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(t, G.FLOAT, None))
-        # the graph as written (no fusions), so every exposed tensor is the one we named
-        sess = session(probe, optimize=False, prepack=False, weights_dir=Path(fp32_onnx).parent if external else None)
-        names = [o.name for o in sess.get_outputs()]
-        for batch in batches:
-            values = sess.run(names, {input_name: batch})
-            for t, v in zip(names, values):
-                if t not in candidates or v.dtype != np.float32 or v.size == 0:
-                    continue
-                finite = np.isfinite(v)
-                s = stats.setdefault(t, {"max_abs": 0.0, "nonfinite": 0})
-                s["nonfinite"] += int(v.size - finite.sum())
-                if finite.any():
-                    s["max_abs"] = max(s["max_abs"], float(np.abs(v[finite]).max()))
-            del values
+    max_abs, suspect = _reduced_scan(model, candidates, batches, weights_dir)
+    stats = {t: {"max_abs": v, "nonfinite": 0} for t, v in max_abs.items() if t not in suspect}
+    if suspect:
+        stats.update(_exposed_stats(model, sorted(suspect), batches, weights_dir))
     flagged = {}
     for t, s in stats.items():
         if s["nonfinite"] or s["max_abs"] > threshold:
@@ -486,6 +543,7 @@ class Fp16Lowering:
     default islands, the flagged nodes and whatever the fallback search asks for in FP32."""
 
     emulated = True  # ORT's CPU provider computes FP16 chains in FP32: verify an emulation graph too
+    prepare_step = "overflow scan"
     candidate_ops: tuple[str, ...] | None = None  # fallback refinement may keep any node
 
     def __init__(self, fp32_onnx: Path, verify, *, io_dtype="float32", overflow_guard: bool = True,
@@ -505,9 +563,10 @@ class Fp16Lowering:
 
         if not self.overflow_guard:
             return
-        # one image per run: every intermediate tensor is exposed (bounded per pass by the scan)
-        size = fixed_batch or 1
-        batches = [pad_to(self.probe[s], size) for s in chunks(len(self.probe), size)]
+        # the scan reduces every tensor inside the graph: memory is the activations of SCAN_BATCH images
+        size = fixed_batch or scan_batch(self.src)
+        batches = [pad_to(self.probe[s], fixed_batch) if fixed_batch else self.probe[s]
+                   for s in chunks(len(self.probe), size)]
         flagged = fp16_overflow_scan(self.src, batches)
         for t, info in flagged.items():
             for n in [info["producer"], *info["consumers"]]:

@@ -407,6 +407,7 @@ class Int8Lowering:
     in float."""
 
     emulated = False  # ORT runs the integer kernels it will run on a CPU; no emulation graph
+    prepare_step = "calibration"
     candidate_ops: tuple[str, ...] | None = QUANTIZED_OPS  # only these can be kept in float
 
     def __init__(self, fp32_onnx: Path, verify, *, calibration: np.ndarray | None = None,

@@ -21,6 +21,8 @@ import hashlib
 import logging
 import shutil
 import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -120,17 +122,30 @@ def lower_onnx(
         calibration_method=calibration_method, calibration_source=calibration_source, work=work,
     )
     details: dict[str, Any] = {"precision": precision}
+    timings: dict[str, float] = {}
+
+    @contextmanager
+    def timed(step: str):
+        """Seconds per sub-step, in details["timings_s"] (where the lowering's time goes on a big model)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            timings[step] = round(timings.get(step, 0.0) + time.perf_counter() - t0, 3)
 
     def compare(outputs: np.ndarray) -> dict[str, Any]:
         return compare_outputs(reference, outputs, verify.db_idx, verify.q_idx, verify.positives)
 
     def emulation(path: Path) -> dict[str, Any]:
         run_path = work / f"{path.stem}.emulated.onnx"
-        save_fp16_emulation(path, run_path)
-        return compare(post(run_onnx(run_path, verify.images)))
+        with timed("emulation graph"):
+            save_fp16_emulation(path, run_path)
+        with timed("emulation run"):
+            return compare(post(run_onnx(run_path, verify.images)))
 
     try:
-        lowering.prepare(_fixed_batch(fp32_onnx))
+        with timed(lowering.prepare_step):
+            lowering.prepare(_fixed_batch(fp32_onnx))
 
         def build(keep: frozenset[str]) -> Path:
             tag = hashlib.sha1("\n".join(sorted(keep)).encode()).hexdigest()[:10]
@@ -170,15 +185,18 @@ def lower_onnx(
             if not fb.met:
                 lowering.warnings.append(f"fallback: target top-1 agreement {target_agreement} not reached (best {fb.agreement:.3f})")
 
-        lowering.build(keep, dst_onnx)
+        with timed("graph conversion"):
+            lowering.build(keep, dst_onnx)
         details.update(lowering.final_details(model))
         total = sum(flops.values()) or 1.0
         details["high_precision_flops_fraction"] = sum(flops.get(n, 0.0) for n in lowering.kept) / total
 
-        final = run_final(dst_onnx) if run_final is not None else post(run_onnx(dst_onnx, verify.images))
+        with timed("verification run"):
+            final = run_final(dst_onnx) if run_final is not None else post(run_onnx(dst_onnx, verify.images))
         reports = {"onnxruntime": compare(final)}
         if lowering.emulated:
             reports[f"{precision}_emulation"] = emulation(dst_onnx)
+        details["timings_s"] = timings
         gate = _worst(reports.values())
         failures = record.gate(gate)
         verification = {
