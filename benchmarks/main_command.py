@@ -50,6 +50,9 @@ def main() -> None:
         "artifact_mib": round(sum(f["bytes"] for f in m["files"].values()) / 2**20, 1),
         "step_times_s": m["details"]["timings_s"],
         "step_peak_rss_gib": m["details"]["peak_rss_gib"],
+        "lowering_times_s": m["details"].get("lowering_timings_s", {}),
+        "lowering_peak_rss_gib": m["details"].get("lowering_peak_rss_gib", {}),
+        "fp16_overflow_tensors": len(m["details"].get("fp16_overflow", {})),
         "fp16_passed": fp16["passed"],
         "fp16_report": {k: fp16["report"][k] for k in ("cos_mean", "cos_min", "top1_agreement", "top5_agreement",
                                                        "nonfinite") if k in fp16["report"]},
@@ -86,6 +89,11 @@ def write(results: dict, out: Path) -> None:
     ]
     for step, t in results["step_times_s"].items():
         lines.append(f"| {step} | {t} | {results['step_peak_rss_gib'].get(step, '-')} |")
+    if results.get("lowering_times_s"):
+        lines += ["", "Inside \"lowering to fp16 + verifying\" (`details.lowering_timings_s` of the manifest):", "",
+                  "| sub-step | time (s) | peak RSS (GiB) |", "|---|---|---|"]
+        for step, t in results["lowering_times_s"].items():
+            lines.append(f"| {step} | {t} | {results['lowering_peak_rss_gib'].get(step, '-')} |")
     lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines))
     steps = list(results["step_times_s"])

@@ -204,3 +204,43 @@ def test_export_with_float16_io_runs_through_the_runtime(tmp_path, corridor):
     with Describer.from_artifact(out, threads=1) as d:
         desc = d.describe(sorted((corridor / "queries").glob("*.jpg"))[:2])
     assert desc.dtype == np.float32 and np.isfinite(desc).all()
+
+
+def test_big_graph_paths_stream_weights_and_equal_the_in_memory_ones(toy_path, data, tmp_path):
+    """A graph with external data (every full-size export) is rewritten, converted to FP16 and emulated as
+    structure only, its weights streamed one tensor at a time (`G.save_streamed`): the results are the
+    in-memory paths' results, tensor for tensor."""
+    import onnx
+
+    from vpr_edge.export.artifact import _rewrite
+
+    verify, _ = data
+    inline, ext = tmp_path / "inline" / "model.onnx", tmp_path / "ext" / "model.onnx"
+    G.save(G.load(toy_path), inline)
+    ext.parent.mkdir()
+    onnx.save_model(G.load(toy_path), str(ext), save_as_external_data=True, location="model.onnx.data")
+    assert not G.external_data_files(inline) and G.external_data_files(ext)
+
+    def same(a, b):
+        ma, mb = G.load(a), G.load(b)
+        assert [(n.op_type, list(n.input), list(n.output)) for n in ma.graph.node] == \
+               [(n.op_type, list(n.input), list(n.output)) for n in mb.graph.node]
+        ia = {i.name: onnx.numpy_helper.to_array(i) for i in ma.graph.initializer}
+        ib = {i.name: onnx.numpy_helper.to_array(i) for i in mb.graph.initializer}
+        assert ia.keys() == ib.keys()
+        for k in ia:
+            assert ia[k].dtype == ib[k].dtype and np.array_equal(ia[k], ib[k]), k
+
+    counts = _rewrite(inline)
+    assert counts == _rewrite(ext) and any(counts.values())
+    same(inline, ext)
+    assert G.external_data_files(ext)  # rewritten in place, still external
+    fp16_from_onnx(inline, tmp_path / "inline" / "fp16.onnx")
+    fp16_from_onnx(ext, tmp_path / "ext" / "fp16.onnx")
+    assert G.external_data_files(tmp_path / "ext" / "fp16.onnx")
+    same(tmp_path / "inline" / "fp16.onnx", tmp_path / "ext" / "fp16.onnx")
+    for d in ("inline", "ext"):
+        save_fp16_emulation(tmp_path / d / "fp16.onnx", tmp_path / d / "emu.onnx")
+    same(tmp_path / "inline" / "emu.onnx", tmp_path / "ext" / "emu.onnx")
+    images = verify.images[:4]
+    assert np.array_equal(run_onnx(tmp_path / "inline" / "emu.onnx", images), run_onnx(tmp_path / "ext" / "emu.onnx", images))

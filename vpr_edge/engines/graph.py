@@ -107,6 +107,72 @@ def external_data_files(path: str | Path) -> list[Path]:
     return [Path(path).parent / n for n in sorted(names)]
 
 
+def is_external(init) -> bool:
+    """Whether an initializer's values live in an external-data file (not loaded into the proto)."""
+    return init.data_location == onnx_module().TensorProto.EXTERNAL
+
+
+def tensor_array(init, weights_dir: str | Path | None = None):
+    """An initializer's values; external ones are read from `weights_dir` (that tensor only)."""
+    numpy_helper = onnx_module().numpy_helper
+    if is_external(init):
+        if weights_dir is None:
+            raise ArtifactError(f"initializer {init.name} lives in external data; its folder is needed to read it")
+        return numpy_helper.to_array(init, base_dir=str(weights_dir))
+    return numpy_helper.to_array(init)
+
+
+def save_streamed(model: Any, path: str | Path, weights_dir: str | Path | None, convert=None,
+                  threshold: int = 1024) -> Path:
+    """Save `model`, whose big initializers may still be external files in `weights_dir` (loaded with
+    load_weights=False), with every initializer of `threshold` bytes or more in one external-data file
+    `<path>.data`, reading and writing one tensor at a time: a big graph is rewritten in ~one tensor of
+    memory (ViT-G: 3.4 GB of weights; a whole-proto load + save held 8-12 GiB). `convert(init, array)`
+    may replace each array (FP16 conversion, FP32 emulation). The data file is written under a temporary
+    name and renamed, so `weights_dir` may be the folder being rewritten in place."""
+    import numpy as np
+
+    onnx = onnx_module()
+    helper, TensorProto = onnx.helper, onnx.TensorProto
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data_name = path.name + ".data"
+    tmp = path.parent / (data_name + ".partial")
+    offset = 0
+    try:
+        with open(tmp, "wb") as fh:
+            for init in model.graph.initializer:
+                if init.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+                    continue
+                external = is_external(init)
+                if not external and init.ByteSize() < threshold and convert is None:
+                    continue
+                arr = tensor_array(init, weights_dir)
+                if convert is not None:
+                    arr = convert(init, arr)
+                if not external and arr.nbytes < threshold:
+                    init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+                    continue
+                buf = memoryview(np.ascontiguousarray(arr)).cast("B")
+                fh.write(buf)
+                new = TensorProto()
+                new.name = init.name
+                new.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
+                new.dims.extend(arr.shape)
+                new.data_location = TensorProto.EXTERNAL
+                for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(buf)))):
+                    entry = new.external_data.add()
+                    entry.key, entry.value = key, value
+                init.CopyFrom(new)
+                offset += len(buf)
+                del arr, buf
+        onnx.save_model(model, str(path))  # the structure only: every big tensor is a reference now
+        tmp.replace(path.parent / data_name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # Node -> block
 # ---------------------------------------------------------------------------------------------

@@ -353,10 +353,15 @@ def _rewrite(onnx_path: Path) -> dict[str, int]:
     lowerings start from it). What changed is recorded; a graph with nothing to rewrite is left as it is."""
     from vpr_edge.engines.precision.rewrites import tidy_for_ort
 
-    model = graph.load(onnx_path)
-    counts = tidy_for_ort(model)
+    external = bool(graph.external_data_files(onnx_path))
+    # a big graph as structure only, its weights streamed while saving (ViT-G: 8.5 GiB loaded whole)
+    model = graph.load(onnx_path, load_weights=not external)
+    counts = tidy_for_ort(model, onnx_path.parent if external else None)
     if any(counts.values()):
-        graph.save(model, onnx_path)
+        if external:
+            graph.save_streamed(model, onnx_path, onnx_path.parent)
+        else:
+            graph.save(model, onnx_path)
     return counts
 
 

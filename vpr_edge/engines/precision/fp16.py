@@ -306,7 +306,10 @@ def fp16_from_onnx(
     f16 = lazy_import("onnxconverter_common.float16")
     onnx = lazy_import("onnx")
     in_dt, out_dt = _io_dtypes(io_dtype)
-    model = G.load(src_onnx)
+    # a big graph (external data) is converted as structure only; its weights are cast one tensor at a
+    # time while saving (`G.save_streamed`): ViT-G peaked at 11.8 GiB converting the loaded proto
+    external = bool(G.external_data_files(src_onnx))
+    model = G.load(src_onnx, load_weights=not external)
     if any(i.data_type == G.FLOAT16 for i in model.graph.initializer):
         raise ArtifactError(f"{src_onnx} already holds FP16 weights; convert the FP32 export instead")
     G.GraphIndex.of(model)  # names unnamed nodes, which block lists need
@@ -326,6 +329,7 @@ def fp16_from_onnx(
     _retarget_float_casts(model, keep)
     _split_shared_initializers(model, keep)
     model = _ensure_value_info(model)
+    on_disk = {i.name: i.data_type for i in model.graph.initializer if G.is_external(i)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # per-tensor "truncated to 1e-07" warnings; clipping is expected
         model = f16.convert_float_to_float16(
@@ -340,7 +344,9 @@ def fp16_from_onnx(
     _restore_fp32_outputs(model)
     _fuse_cast_roundtrips(model)
     _set_io_dtypes(model, in_dt, out_dt)
-    if not G.over_size(model, G.TWO_GB):
+    if external:
+        _save_converted(model, on_disk, Path(src_onnx), Path(dst_onnx), f16)
+    elif not G.over_size(model, G.TWO_GB):
         try:
             onnx.checker.check_model(model, full_check=True)
         except Exception as exc:  # onnx raises ValidationError / InferenceError
@@ -348,7 +354,8 @@ def fp16_from_onnx(
     bad = check_fp32_islands(model, keep)
     if bad:
         raise ArtifactError(f"FP16 conversion of {src_onnx} left FP32 islands partly in FP16: {bad[:3]}")
-    G.save(model, dst_onnx)
+    if not external:
+        G.save(model, dst_onnx)
     casts = sum(1 for n in model.graph.node if n.op_type == "Cast")
     converted = sum(1 for n in model.graph.node if n.name not in keep and n.op_type not in ("Cast", "Shape", "Constant"))
     return Fp16Report(
@@ -359,6 +366,27 @@ def fp16_from_onnx(
         output_dtype=out_dt,
         library=f"onnxconverter-common {_version('onnxconverter-common')}",
     )
+
+
+def _save_converted(model, on_disk: dict[str, int], src: Path, dst: Path, f16) -> None:
+    """Save a graph converted as structure only: the converter retyped the external initializers it
+    converts (their data never loaded); read each from `src`'s data file and cast it exactly as the
+    converter casts loaded ones (`convert_np_to_float16`, same clipping)."""
+    halves = set()
+    for init in model.graph.initializer:
+        if G.is_external(init):
+            if init.name not in on_disk:
+                raise ArtifactError(f"FP16 conversion of {src} made an external initializer {init.name} it cannot read")
+            if init.data_type != on_disk[init.name]:
+                halves.add(init.name)
+                init.data_type = on_disk[init.name]  # read as stored; cast while saving
+
+    def cast(init, arr: np.ndarray) -> np.ndarray:
+        if init.name not in halves:
+            return arr
+        return f16.convert_np_to_float16(arr, min_positive_val=1e-7, max_finite_val=FP16_MAX)
+
+    G.save_streamed(model, dst, src.parent, cast)
 
 
 def _version(dist: str) -> str:

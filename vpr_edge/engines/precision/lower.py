@@ -33,6 +33,7 @@ from vpr_edge.engines import graph as G
 from vpr_edge.engines.precision import table
 from vpr_edge.errors import ConfigError, FidelityError
 from vpr_edge.fidelity import compare_outputs
+from vpr_edge.measure import PeakRss
 from vpr_edge.onnxrt import run_onnx
 from vpr_edge.verifyset import VerifySet
 
@@ -123,15 +124,19 @@ def lower_onnx(
     )
     details: dict[str, Any] = {"precision": precision}
     timings: dict[str, float] = {}
+    peaks: dict[str, float] = {}
 
     @contextmanager
     def timed(step: str):
-        """Seconds per sub-step, in details["timings_s"] (where the lowering's time goes on a big model)."""
+        """Seconds and peak RSS per sub-step, in details["lowering_timings_s"] and ["lowering_peak_rss_gib"] (where the
+        lowering's time and memory go on a big model)."""
         t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            timings[step] = round(timings.get(step, 0.0) + time.perf_counter() - t0, 3)
+        with PeakRss() as rss:
+            try:
+                yield
+            finally:
+                timings[step] = round(timings.get(step, 0.0) + time.perf_counter() - t0, 3)
+        peaks[step] = round(max(peaks.get(step, 0.0), rss.peak_bytes / 2**30), 2)
 
     def compare(outputs: np.ndarray) -> dict[str, Any]:
         return compare_outputs(reference, outputs, verify.db_idx, verify.q_idx, verify.positives)
@@ -196,7 +201,7 @@ def lower_onnx(
         reports = {"onnxruntime": compare(final)}
         if lowering.emulated:
             reports[f"{precision}_emulation"] = emulation(dst_onnx)
-        details["timings_s"] = timings
+        details["lowering_timings_s"], details["lowering_peak_rss_gib"] = timings, peaks
         gate = _worst(reports.values())
         failures = record.gate(gate)
         verification = {

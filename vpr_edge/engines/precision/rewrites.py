@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from vpr_edge.engines.graph import GraphIndex
+from vpr_edge.engines.graph import GraphIndex, is_external, tensor_array
 from vpr_edge.lazy import lazy_import
 
 
 def _scalar(inits: dict[str, Any], tensor: str) -> float | None:
     init = inits.get(tensor)
-    if init is None:
+    if init is None or is_external(init) or math.prod(init.dims) != 1:
         return None
     arr = lazy_import("onnx").numpy_helper.to_array(init)
     return float(arr.reshape(-1)[0]) if arr.size == 1 else None
@@ -81,10 +81,11 @@ def reorder_gelu(model) -> int:
     return count
 
 
-def fold_layerscale(model) -> int:
+def fold_layerscale(model, weights_dir=None) -> int:
     """Fold `Mul(Add(MatMul(x, W), b), gamma)` with constant W [K, N], b [N], gamma [N] into W and b,
     in place; the Mul is removed. Only where W, b and the intermediate tensors have no other user.
-    Needs the weights loaded. Returns how many were folded."""
+    Reads the weights it folds (external ones from `weights_dir`: the folded W and b are then held in
+    the proto until it is saved). Returns how many were folded."""
     numpy_helper = lazy_import("onnx").numpy_helper
     idx = GraphIndex.of(model)
     inits = {i.name: i for i in model.graph.initializer}
@@ -106,9 +107,9 @@ def fold_layerscale(model) -> int:
         w_name = mm.input[1]
         if w_name not in inits or any(len(idx.consumers.get(t, [])) != 1 for t in (w_name, bias_name)):
             continue
-        gamma = numpy_helper.to_array(inits[gamma_name])
-        w = numpy_helper.to_array(inits[w_name])
-        bias = numpy_helper.to_array(inits[bias_name])
+        gamma = tensor_array(inits[gamma_name], weights_dir)
+        w = tensor_array(inits[w_name], weights_dir)
+        bias = tensor_array(inits[bias_name], weights_dir)
         n = w.shape[-1] if w.ndim == 2 else -1
         if gamma.shape != (n,) or bias.shape != (n,) or w.dtype != np.float32:
             continue
@@ -128,6 +129,8 @@ def fold_layerscale(model) -> int:
     return len(removed)
 
 
-def tidy_for_ort(model) -> dict[str, int]:
-    """All rewrites, in place; what each changed (for the manifest)."""
-    return {"gelu_reordered_for_ort_fusion": reorder_gelu(model), "layerscale_folded_into_weights": fold_layerscale(model)}
+def tidy_for_ort(model, weights_dir=None) -> dict[str, int]:
+    """All rewrites, in place; what each changed (for the manifest). weights_dir: where a structure-only
+    model's external weights live."""
+    return {"gelu_reordered_for_ort_fusion": reorder_gelu(model),
+            "layerscale_folded_into_weights": fold_layerscale(model, weights_dir)}
