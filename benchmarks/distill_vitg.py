@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -68,6 +67,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=400, help="generic student optimizer steps (default 400)")
     ap.add_argument("--map-steps", type=int, default=150, help="map-specific student steps (default 150)")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--bench-runs", type=int, default=5, help="timed runs per variant in the final bench (default 5)")
+    ap.add_argument("--bench-limit", type=int, default=16, help="Corridor images in the final bench (default 16)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--preset", default="anyloc-dinov2", help="the teacher preset (default the ViT-G/14 one)")
     args = ap.parse_args()
@@ -132,7 +133,8 @@ def main() -> int:
     bench = out / "bench"
     times["bench"] = run([vpr, "bench", str(CORRIDOR), "--variant", f"teacher-fp32={teacher}", "--variant",
                           f"student-fp32={s32}", "--variant", f"student-int8={s8}", "--baseline", "teacher-fp32",
-                          "--batches", "1", "--runs", "5", "--warmup", "1", "--limit", "16", "--match-grid", "2",
+                          "--batches", "1", "--runs", str(args.bench_runs), "--warmup", "1", "--limit", str(args.bench_limit),
+                          "--match-grid", "2",
                           *th, "--quiet", "--output", str(bench)], log, bench / "results.json")
     summarize(out, work, times, args)
     return 0

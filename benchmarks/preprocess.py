@@ -8,12 +8,12 @@
 2. Time per frame, one thread (the pool of `runtime.pipeline` runs one such call per thread), median of
    --repeats passes over --timing-frames frames, for the presets' three input sizes (224, 322, 384 px):
    the exact path, the fast path to float input, the fast path to uint8 input (`--input uint8`
-   artifacts), and the JPEG draft oversampling sweep (decode at >= k x the resized size; "full" = no
-   DCT scaling).
+   artifacts), and the JPEG draft oversampling sweep of the float path (decode at >= k x the resized
+   size; "full" = no DCT scaling).
 3. Fidelity, a stage like any other: descriptors of full-size random-weight FP32 artifacts
    (`anyloc-dinov2-vits14`: hard VLAD, the most sensitive head; `boq-resnet50`: soft BoQ) from the fast
-   path against the exact path, on both frame sets: cosine and top-1/top-5 agreement of the
-   database ranking of every query, per oversampling factor. Random weights: never a trained-model number.
+   path against the exact path: cosine and top-1/top-5 agreement of the database ranking of every
+   query; the float layout per draft factor and the uint8 layout (what a --input uint8 artifact sees). Random weights: never a trained-model number.
 4. Pipelined throughput: `vpr-edge bench` on the 1080p frames with --preprocess fast, batch 1 and 8, for
    the ViT-S/14 artifact (pipelined describe vs the backend fed preprocessed arrays).
 
@@ -62,7 +62,7 @@ def make_frames(dst: Path, size=(1920, 1080), quality=90) -> Path:
 def timings(frames: list[Path], repeats: int) -> dict:
     from vpr_edge import presets
     from vpr_edge.imaging import prepare
-    from vpr_edge.imaging.fast import fast_rgb
+    from vpr_edge.imaging.fast import fast_float
 
     def per_frame(fn) -> float:
         runs = []
@@ -84,7 +84,7 @@ def timings(frames: list[Path], repeats: int) -> dict:
             "oversample_ms": {},
         }
         for k in OVERSAMPLE:
-            row["oversample_ms"][_label(k)] = per_frame(lambda f: fast_rgb(f, pre, oversample=k or 1e6))
+            row["oversample_ms"][_label(k)] = per_frame(lambda f: fast_float(f, pre, oversample=k or 1e6))
         out[name] = row
         print(f"  {name} {tuple(pre.image_size)}: exact {row['exact_ms']} ms, fast {row['fast_float_ms']} ms "
               f"(uint8 {row['fast_uint8_ms']} ms)", flush=True)
@@ -102,11 +102,14 @@ def export(preset: str, dst: Path) -> Path:
     return dst
 
 
-def fidelity(artifact: Path, dataset: Path, threads: int) -> dict:
+def fidelity(artifact: Path, dataset: Path, threads: int, sweep: bool) -> dict:
+    """Fast against exact descriptors: the float layout (`fast_float`, what --preprocess fast feeds a float
+    artifact) per JPEG draft factor (sweep) or at the default only, and the uint8 layout (`fast_rgb` +
+    the graph's normalisation, what a --input uint8 artifact computes) at the default."""
     from vpr_edge.datasets import load_dataset
     from vpr_edge.fidelity import compare_descriptors
     from vpr_edge.imaging import prepare
-    from vpr_edge.imaging.fast import fast_rgb, normalize
+    from vpr_edge.imaging.fast import DRAFT_OVERSAMPLE, fast_float, fast_rgb, normalize
     from vpr_edge.runtime.backends import BackendOptions
     from vpr_edge.runtime.describer import Describer
 
@@ -120,14 +123,15 @@ def fidelity(artifact: Path, dataset: Path, threads: int) -> dict:
             return d.aggregate(d.run_backend(np.stack([load(p) for p in paths])))
 
         ref = describe(lambda p: prepare(p, pre, "exact", "float"))
+        variants = {f"float, draft {_label(k)}": (lambda p, k=k: fast_float(p, pre, oversample=k or 1e6))
+                    for k in (OVERSAMPLE if sweep else (DRAFT_OVERSAMPLE,))}
+        variants[f"uint8, draft {_label(DRAFT_OVERSAMPLE)}"] = lambda p: normalize(fast_rgb(p, pre), pre)
         rows = {}
-        for k in OVERSAMPLE:
-            test = describe(lambda p: normalize(fast_rgb(p, pre, oversample=k or 1e6), pre))
-            rep = compare_descriptors(ref, test, db, q, ds.positives)
-            rows[_label(k)] = {m: round(float(rep[m]), 6) for m in ("cos_mean", "cos_min", "top1_agreement",
-                                                                    "top5_agreement")}
-            print(f"  {artifact.name} on {dataset.name}, draft {_label(k)}: {rows[_label(k)]}", flush=True)
-    return {"images": len(paths), "by_oversample": rows}
+        for label, load in variants.items():
+            rep = compare_descriptors(ref, describe(load), db, q, ds.positives)
+            rows[label] = {m: round(float(rep[m]), 6) for m in ("cos_mean", "cos_min", "top1_agreement", "top5_agreement")}
+            print(f"  {artifact.name} on {dataset.name}, {label}: {rows[label]}", flush=True)
+    return {"images": len(paths), "variants": rows}
 
 
 def main() -> int:
@@ -153,10 +157,12 @@ def main() -> int:
     print("timing, Corridor frames", flush=True)
     res["timing_corridor"] = timings(sorted((CORRIDOR / "queries").iterdir())[: args.timing_frames], args.repeats)
     res["fidelity"] = {}
-    for preset in ("anyloc-dinov2-vits14", "boq-resnet50"):
+    # ViT-S/14 + hard VLAD (the most sensitive head): the draft sweep on both frame sets; BoQ-ResNet50 at the
+    # default only, on the 1080p frames (CPU time: 384 px ResNet50 on 222 images per variant)
+    for preset, sets in (("anyloc-dinov2-vits14", {"corridor": CORRIDOR, "1080p": big}), ("boq-resnet50", {"1080p": big})):
         art = export(preset, args.work / f"{preset}-fp32")
-        res["fidelity"][preset] = {"corridor": fidelity(art, CORRIDOR, args.threads),
-                                   "1080p": fidelity(art, big, args.threads)}
+        res["fidelity"][preset] = {k: fidelity(art, folder, args.threads, sweep=preset != "boq-resnet50")
+                                   for k, folder in sets.items()}
     if not args.skip_bench:
         bench = args.output / "bench"
         art = args.work / "anyloc-dinov2-vits14-fp32"
@@ -195,10 +201,10 @@ def write_md(res: dict, path: Path) -> None:
                          f"{r['fast_uint8_ms']} | " + " | ".join(str(v) for v in r["oversample_ms"].values()) + " |")
         lines.append("")
     lines += ["## Descriptor fidelity of the fast path against the exact path", "",
-              "| artifact | frames | draft | cos mean | cos min | top-1 agreement | top-5 agreement |", "|---|---|---|---|---|---|---|"]
+              "| artifact | frames | layout, JPEG draft | cos mean | cos min | top-1 agreement | top-5 agreement |", "|---|---|---|---|---|---|---|"]
     for art, sets in res["fidelity"].items():
         for frames, f in sets.items():
-            for k, r in f["by_oversample"].items():
+            for k, r in f["variants"].items():
                 lines.append(f"| {art} | {frames} ({f['images']}) | {k} | {r['cos_mean']:.5f} | {r['cos_min']:.5f} | "
                              f"{r['top1_agreement']:.3f} | {r['top5_agreement']:.3f} |")
     lines.append("")
@@ -234,9 +240,11 @@ def plot(res: dict, path: Path) -> None:
     ax[0].legend(fontsize=8)
     for art, sets in res["fidelity"].items():
         for frames, f in sets.items():
-            ks = list(f["by_oversample"])
-            ax[1].plot(ks, [f["by_oversample"][k]["cos_min"] for k in ks], marker="o", label=f"{art}, {frames}")
-    ax[1].set_xlabel("JPEG draft: decoded pixels per output pixel")
+            ks = [k for k in f["variants"] if k.startswith("float")]
+            if len(ks) > 1:
+                ax[1].plot([k.split("draft ")[1] for k in ks], [f["variants"][k]["cos_min"] for k in ks], marker="o",
+                           label=f"{art}, {frames}")
+    ax[1].set_xlabel("JPEG draft (float layout): decoded pixels per output pixel")
     ax[1].set_ylabel("cos min vs exact path")
     ax[1].legend(fontsize=7)
     fig.suptitle("Fast preprocessing: time and descriptor fidelity (random weights)")

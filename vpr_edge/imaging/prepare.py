@@ -2,8 +2,9 @@
 
 - mode 'exact' (`imaging.exact`): float resize, equal to the PyTorch reference to 4e-5; the default, and
   what export verification uses;
-- mode 'fast' (`imaging.fast`): JPEG draft decoding + uint8 resize; its effect on descriptors is measured
-  in benchmarks/preprocess.py;
+- mode 'fast' (`imaging.fast`): JPEG draft decoding (fewer pixels decoded), then only the crop box
+  resized: in float for the float layout (`fast_float`), in uint8 for the uint8 layout (`fast_rgb`); its
+  effect on descriptors is measured in benchmarks/preprocess.py;
 - layout 'float' (float32 [3, H, W], normalised) or 'uint8' (uint8 [H, W, 3], for artifacts exported with
   `--input uint8`, which normalise inside the graph). A uint8 input can only come from the fast path: the
   exact path's float resize has no uint8 form.
@@ -17,7 +18,7 @@ import numpy as np
 from vpr_edge.errors import ConfigError
 from vpr_edge.imaging.decode import ImageSource, load_rgb
 from vpr_edge.imaging.exact import preprocess_rgb
-from vpr_edge.imaging.fast import fast_rgb, normalize
+from vpr_edge.imaging.fast import fast_float, fast_rgb
 from vpr_edge.presets import Preprocess
 
 MODES = ("exact", "fast")
@@ -59,5 +60,6 @@ def prepare(
         if size is not None:
             size.append(tuple(rgb.shape[:2]))
         return preprocess_rgb(rgb, pre)
-    out = fast_rgb(source, pre, max_pixels=max_pixels, size=size)
-    return out if layout == "uint8" else normalize(out, pre)
+    if layout == "uint8":
+        return fast_rgb(source, pre, max_pixels=max_pixels, size=size)
+    return fast_float(source, pre, max_pixels=max_pixels, size=size)
