@@ -2,7 +2,7 @@
 
     python benchmarks/preprocess.py --output benchmarks/results/preprocess [--work /tmp/vpr-preprocess]
 
-1. Frames: Corridor's 222 images as they are (160x120 PNG) and upscaled (bicubic, stretched) to
+1. Frames: Corridor's 222 images as they are (160x120 JPEG) and upscaled (bicubic, stretched) to
    1920x1080 JPEG quality 90, written in Corridor's layout (full-resolution frames made by upscaling:
    no real 1080p ground truth exists here).
 2. Time per frame, one thread (the pool of `runtime.pipeline` runs one such call per thread), median of
@@ -150,7 +150,7 @@ def main() -> int:
     big = make_frames(args.work / "corridor-1080p")
     res: dict = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
                  "machine": machine_info(), "frames": {"1080p": "Corridor upscaled (bicubic) to 1920x1080 JPEG q90",
-                                                      "corridor": "Corridor as it is (160x120 PNG)"}}
+                                                      "corridor": "Corridor as it is (160x120 JPEG)"}}
     print("timing, 1080p JPEG frames", flush=True)
     frames = sorted((big / "queries").iterdir())[: args.timing_frames]
     res["timing_1080p"] = timings(frames, args.repeats)
@@ -191,7 +191,7 @@ def write_md(res: dict, path: Path) -> None:
     lines = ["# Fast vs exact preprocessing", "", f"Command: `{res['command']}`  ",
              f"Machine: {m.get('cpu', '?')}, {m.get('cores_logical', '?')} cores, features {', '.join(m.get('cpu_features', []))}.",
              "Weights: random (full-size architectures); never a trained-model number.", ""]
-    for key, title in (("timing_1080p", "1920x1080 JPEG q90 (Corridor upscaled)"), ("timing_corridor", "Corridor 160x120 PNG")):
+    for key, title in (("timing_1080p", "1920x1080 JPEG q90 (Corridor upscaled)"), ("timing_corridor", "Corridor 160x120 JPEG")):
         lines += [f"## Milliseconds per frame, one thread: {title}", "",
                   "| preset | input | exact | fast (float) | fast (uint8) | " + " | ".join(
                       f"draft {_label(k)}" for k in OVERSAMPLE) + " |",

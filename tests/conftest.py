@@ -58,3 +58,21 @@ def toy_path(data):
     import toy_vit as toy
 
     return toy.toy_onnx(fit_images=data[1])
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One torch thread for a module of tiny-model tests (distillation): many small ops, where a second
+    thread only adds synchronisation; restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def imgs(corridor):
+    """Six Corridor database images (distillation tests)."""
+    return sorted((corridor / "database").glob("*.jpg"))[:6]

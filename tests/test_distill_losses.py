@@ -13,12 +13,7 @@ from vpr_edge.errors import ConfigError
 K, D, N, B = 4, 16, 30, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _setup(pca=False, seed=0):

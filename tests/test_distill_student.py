@@ -17,12 +17,7 @@ TEACHER = presets.get("anyloc-dinov2@tiny")  # ViT-G/14 shape at toy size: 48-d 
 TDIM, TGRID, TSIZE = TEACHER.feature_dim, TEACHER.grid(), TEACHER.preprocess.image_size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _centers(k=4, d=TDIM, seed=0):

@@ -31,17 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 LOSS_COLUMNS = ["loss", "loss_patch", "loss_vlad", "loss_descriptor", "loss_relational", "loss_assignment"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def imgs(corridor):
-    return sorted((corridor / "database").glob("*.jpg"))[:6]
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

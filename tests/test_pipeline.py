@@ -46,8 +46,8 @@ def frames(tmp_path_factory, queries):
 # -- the fast preprocessing ----------------------------------------------------------------------
 @pytest.mark.parametrize("name", PRESETS)
 def test_fast_is_close_to_exact_on_corridor_and_full_resolution_frames(name, queries, frames):
-    """Per-pixel difference in normalised units. Float layout (float resize of the drafted decode): a PNG is
-    the exact path up to float rounding (measured 2.2e-5); a 1080p JPEG differs by what DCT draft decoding
+    """Per-pixel difference in normalised units. Float layout (float resize of the drafted decode): an image
+    too small to draft (Corridor's 160x120) is the exact path up to float rounding (measured 2.2e-5); a 1080p JPEG differs by what DCT draft decoding
     changes (measured mean 0.0014, max 0.016 at 224 px; 384 px decodes in full: 1e-6). uint8 layout
     (uint8 resize, what --input uint8 artifacts get): mean 0.0044-0.0053 (uint8 rounding, ~0.25 of one
     8-bit level = 0.017), 99th percentile <= 0.016, max 0.4 where upsampling a 160x120 image overshoots

@@ -109,9 +109,9 @@ def fast_float(
 ) -> np.ndarray:
     """The fast path to float32 [3, H, W], normalised: the drafted decode of `fast_rgb`, then each channel
     of the crop box resized as a float ('F') image, as the exact path resizes, so nothing is rounded to
-    uint8 or clipped (uint8 resizing moved hard-VLAD descriptors by up to cos 0.68 on Corridor; a file
-    that is not a JPEG then equals the exact path up to float rounding). Converting a channel to 'F' in
-    Pillow is ~2x faster than numpy's float copy of the frame."""
+    uint8 or clipped (uint8 resizing moved hard-VLAD descriptors by up to cos 0.68 on Corridor; an image
+    not drafted, a PNG or a JPEG too small to reduce, then equals the exact path up to float rounding).
+    Converting a channel to 'F' in Pillow is ~2x faster than numpy's float copy of the frame."""
     im, full = _decoded(source, pre, max_pixels, oversample)
     if size is not None:
         size.append(full)
