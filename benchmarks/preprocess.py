@@ -156,6 +156,7 @@ def main() -> int:
     res["timing_1080p"] = timings(frames, args.repeats)
     print("timing, Corridor frames", flush=True)
     res["timing_corridor"] = timings(sorted((CORRIDOR / "queries").iterdir())[: args.timing_frames], args.repeats)
+    print("== fidelity", flush=True)
     res["fidelity"] = {}
     # ViT-S/14 + hard VLAD (the most sensitive head): the draft sweep on both frame sets; BoQ-ResNet50 at the
     # default only, on the 1080p frames (CPU time: 384 px ResNet50 on 222 images per variant)
@@ -164,6 +165,7 @@ def main() -> int:
         res["fidelity"][preset] = {k: fidelity(art, folder, args.threads, sweep=preset != "boq-resnet50")
                                    for k, folder in sets.items()}
     if not args.skip_bench:
+        print("== bench", flush=True)
         bench = args.output / "bench"
         art = args.work / "anyloc-dinov2-vits14-fp32"
         subprocess.run([str(BIN / "vpr-edge"), "bench", str(big), "--variant", f"vits14-fp32={art}", "--batches", "1,8",
