@@ -22,6 +22,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from named_artifacts import named_artifacts  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 CORRIDOR = REPO.parent / "shared" / "data" / "corridor"
 BIG = Path("/tmp/vpr-preprocess/corridor-1080p")
@@ -43,10 +46,6 @@ with Describer.from_artifact(art, preprocess="fast") as d:
 """
 
 
-def artifact_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "runtime_memory")
@@ -57,20 +56,18 @@ def main() -> int:
     from vpr_edge.measure import machine_info
 
     rows = []
-    for spec in args.artifact:
-        name, _, folder = spec.partition("=")
-        folder = Path(folder)
-        manifest = json.loads((folder / "manifest.json").read_text())
+    for art in named_artifacts(args.artifact):
+        name, folder = art.name, art.folder
         r = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(args.frames), str(args.limit)],
                            capture_output=True, text=True)
         if r.returncode != 0:
             print(r.stderr[-2000:], file=sys.stderr)
             raise SystemExit(f"{name}: the runtime failed on {folder}")
         m = json.loads(r.stdout.strip().splitlines()[-1])
-        size = artifact_bytes(folder)
+        size = art.size_bytes
         budget = size + MARGIN_GB * 1e9
-        row = {"name": name, "artifact": str(folder), "preset": manifest["identity"].get("network"),
-               "precision": manifest.get("identity", {}).get("precision"), "artifact_mb": round(size / 1e6, 1),
+        row = {"name": name, "artifact": str(folder), "preset": art.identity.get("network"),
+               "precision": art.identity.get("precision"), "artifact_mb": round(size / 1e6, 1),
                "default_batch": m["batch"], "images": m["images"], "seconds": round(m["seconds"], 1),
                "peak_rss_mb": round(m["peak_rss_bytes"] / 1e6, 1), "budget_mb": round(budget / 1e6, 1),
                "within_budget": m["peak_rss_bytes"] <= budget}

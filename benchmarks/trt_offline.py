@@ -18,6 +18,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from named_artifacts import named_artifacts  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ("10.3", "10.15", "11")
 
@@ -31,15 +34,12 @@ def main() -> int:
     from vpr_edge.measure import machine_info
 
     rows = []
-    for spec in args.artifact:
-        name, _, folder = spec.partition("=")
-        folder = Path(folder)
-        manifest = json.loads((folder / "manifest.json").read_text())
-        rep = check_onnx(folder / "model.onnx", targets=TARGETS, batch_sizes=(1, 8)).to_dict()
-        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-        rows.append({"name": name, "artifact": str(folder), "preset": manifest["identity"].get("network"),
-                     "precision": manifest["identity"].get("precision"), "scope": manifest["identity"].get("scope"),
-                     "artifact_mib": round(size / 2**20, 1), "nodes": sum(rep["op_counts"].values()),
+    for art in named_artifacts(args.artifact):
+        name, ident = art.name, art.identity
+        rep = check_onnx(art.folder / "model.onnx", targets=TARGETS, batch_sizes=(1, 8)).to_dict()
+        rows.append({"name": name, "artifact": str(art.folder), "preset": ident.get("network"),
+                     "precision": ident.get("precision"), "scope": ident.get("scope"),
+                     "artifact_mib": round(art.size_bytes / 2**20, 1), "nodes": sum(rep["op_counts"].values()),
                      "verdicts": rep["verdicts"], "errors": rep["errors"], "warnings": rep["warnings"],
                      "problems": [f"{p['severity']} {p['rule']} {p['node']} ({p['op']}, TensorRT {', '.join(p['targets'])}): {p['message']}"
                                   for p in rep["problems"]][:20],

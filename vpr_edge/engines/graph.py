@@ -138,6 +138,7 @@ def save_streamed(model: Any, path: str | Path, weights_dir: str | Path | None, 
     path.parent.mkdir(parents=True, exist_ok=True)
     data_name = path.name + ".data"
     tmp = path.parent / (data_name + ".partial")
+    tmp_graph = path.parent / (path.name + ".partial")
     offset = 0
     try:
         with open(tmp, "wb") as fh:
@@ -166,10 +167,14 @@ def save_streamed(model: Any, path: str | Path, weights_dir: str | Path | None, 
                 init.CopyFrom(new)
                 offset += len(buf)
                 del arr, buf
-        onnx.save_model(model, str(path))  # the structure only: every big tensor is a reference now
+        # the structure only (every big tensor is a reference now), also under a temporary name: both files
+        # are complete before either final name changes, so an interrupted save leaves the old pair readable
+        onnx.save_model(model, str(tmp_graph))
         tmp.replace(path.parent / data_name)
+        tmp_graph.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+        tmp_graph.unlink(missing_ok=True)
     return path
 
 
