@@ -40,8 +40,9 @@ _LEVEL_KEYS = {
 RANDOM_INIT = "random"  # weights-id scheme of vpr-edge's seeded init (models.weights.init_random_)
 
 
-def random_weights_id(seed: int) -> str:
-    return f"{RANDOM_INIT}:seed={int(seed)}"
+def random_weights_id(seed: int, kind: str = RANDOM_INIT) -> str:
+    """`random:seed=N`, or `random-outliers:seed=N` for the outlier stress model (another network)."""
+    return f"{kind}:seed={int(seed)}"
 
 
 def file_weights_id(sha256: str) -> str:

@@ -54,6 +54,12 @@ def register(sub) -> None:
                    help="use at most N images of --calibration, evenly spaced (default 512)")
     q.add_argument("--target-agreement", type=float, default=None, metavar="F",
                    help="keep the fewest blocks in higher precision so top-1 agreement with FP32 reaches F")
+    q.add_argument("--int8-outliers", choices=("auto", "off"), default="auto",
+                   help="int8: auto (default) takes input channels whose calibrated range is >64x the median channel's "
+                        "out of the INT8 MatMul (a thin float MatMul) and SmoothQuant-scales inputs whose channel spread "
+                        "is >8x; graphs without outliers are left as they are. off: plain per-tensor INT8")
+    q.add_argument("--smooth-alpha", type=float, default=0.5, metavar="A",
+                   help="int8: SmoothQuant migration strength in [0, 1] (default 0.5)")
     q.add_argument("--io-dtype", choices=("float32", "float16"), default="float32",
                    help="fp16: graph input/output type (default float32: casts inside the graph)")
     q.add_argument("--engine", action="store_true", help="also build a TensorRT engine (needs tensorrt + a GPU)")
@@ -82,6 +88,8 @@ def _run(args) -> int:
         calibration_method=args.calibration_method,
         calibration_limit=args.calibration_limit,
         target_agreement=args.target_agreement,
+        int8_outliers=args.int8_outliers,
+        smooth_alpha=args.smooth_alpha,
         io_dtype=args.io_dtype,
         input=args.input,
         engine=args.engine,

@@ -46,9 +46,10 @@ def add_model(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     g.add_argument(
         "--weights",
         default="auto",
-        metavar="auto|random|PATH",
+        metavar="auto|random|random-outliers|PATH",
         help="auto: official checkpoint from the torch hub cache (downloaded if reachable); "
-        "random: random init (offline); PATH: a local checkpoint in the official key layout",
+        "random: random init (offline); random-outliers: random init with the massive activations of trained "
+        "ViTs planted (INT8 stress model, DINOv2 backbones); PATH: a local checkpoint in the official key layout",
     )
     g.add_argument("--image-size", type=image_size, default=None, metavar="HxW", help="fixed input size (default: preset's)")
     g.add_argument("--layer", type=int, default=None, help="override the facet block (0-based; AnyLoc presets)")

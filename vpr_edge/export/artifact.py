@@ -48,6 +48,8 @@ class ExportOptions:
     calibration_method: str = "max"
     calibration_limit: int = 512  # images taken from `calibration`, evenly spaced
     target_agreement: float | None = None
+    int8_outliers: str = "auto"  # auto: split outlier channels + SmoothQuant where calibration finds them; off
+    smooth_alpha: float = 0.5
     io_dtype: str = "float32"
     input: str = "float"  # 'float': normalised float [B, 3, H, W]; 'uint8': camera pixels [B, H, W, 3]
     engine: bool = False
@@ -76,6 +78,8 @@ class ExportOptions:
             raise ConfigError(f"--torch-worker must be auto, on or off, got {self.torch_worker!r}")
         if self.calibration_limit < 1:
             raise ConfigError(f"--calibration-limit must be >= 1, got {self.calibration_limit}")
+        if self.int8_outliers not in ("auto", "off"):
+            raise ConfigError(f"--int8-outliers must be auto or off, got {self.int8_outliers!r}")
         if self.verify_limit < 4:
             raise ConfigError(f"--verify-limit must be >= 4, got {self.verify_limit}")
         if self.io_dtype not in record.io_dtypes:
@@ -86,6 +90,8 @@ class ExportOptions:
             "calibration_method": self.calibration_method != "max",
             "calibration_limit": self.calibration_limit != 512,
             "target_agreement": self.target_agreement is not None,
+            "int8_outliers": self.int8_outliers != "auto",
+            "smooth_alpha": self.smooth_alpha != 0.5,
             "io_dtype": self.io_dtype != "float32",
         }
         idle = sorted(k for k, on in given.items() if on and k not in record.options)
@@ -150,7 +156,7 @@ class _Writer:
             self.fitted["pca.npz"] = "pca"
         self.space = DescriptorSpace.from_dict(side.space)  # a student declares its teacher's
         self.weights_id = side.weights_id
-        self.weights_label = weights if weights in ("random", "auto") else Path(weights).name
+        self.weights_label = weights if weights in ("random", "random-outliers", "auto") else Path(weights).name
         self.weights_path = weights
         self.seed = seed
         self.side = side
@@ -282,6 +288,12 @@ def export_artifact(
     return manifest
 
 
+def _outlier_options(options: ExportOptions):
+    from vpr_edge.engines.precision.smoothing import OFF, OutlierOptions
+
+    return OFF if options.int8_outliers == "off" else OutlierOptions(alpha=options.smooth_alpha)
+
+
 def _lower(preset: Preset, tmp: Path, fp32_path: Path, side, options: ExportOptions, writer: _Writer, graph_rep: dict):
     """The FP16/INT8 graph of `fp32_path` as tmp/model.onnx, verified against PyTorch FP32 through the
     runtime (`run_final`), with a provisional manifest naming it so the runtime can open the folder."""
@@ -311,6 +323,7 @@ def _lower(preset: Preset, tmp: Path, fp32_path: Path, side, options: ExportOpti
         reference=side.reference_desc, to_descriptors=to_desc, run_final=run_final,
         calibration=calib, calibration_method=options.calibration_method, calibration_source=calib_source,
         io_dtype=options.io_dtype, target_agreement=options.target_agreement, accept_fidelity=options.accept_fidelity,
+        outliers=_outlier_options(options) if options.precision == "int8" else None,
     )
     if calib_info:
         res.details["calibration_set"] = calib_info

@@ -58,7 +58,7 @@ def build_backbone(preset: Preset, weights: str = "random", seed: int = 0, state
 
     size = preset.preprocess.image_size
     if preset.facet is not None:
-        vit = W.load_backbone(preset.backbone, weights, num_blocks=preset.facet.layer + 1, seed=seed)
+        vit = W.load_backbone(preset.backbone, weights, num_blocks=preset.facet.layer + 1, seed=seed, image_size=size)
         return facets.FacetExtractor(vit, preset.facet, image_size=size)
     return W.load_boq_backbone(
         preset.backbone, weights, seed, source=preset.aggregator.weights, state_dict=state_dict, image_size=size
@@ -68,9 +68,10 @@ def build_backbone(preset: Preset, weights: str = "random", seed: int = 0, state
 def fetch_release(preset: Preset, weights: str) -> dict | None:
     """The release checkpoint of a preset whose head ships with its backbone in one file (BoQ), or None
     (random weights, or a head without weights of its own)."""
-    if not presets.head(preset).release or weights == "random":
-        return None
     from vpr_edge.models import weights as W
+
+    if not presets.head(preset).release or weights in W.SYNTHETIC:
+        return None
 
     return W.fetch_state_dict(weights, preset.aggregator.weights)
 

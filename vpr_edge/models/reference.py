@@ -112,10 +112,10 @@ def weights_for(identity_weights: str, weights: str | None, preset: Preset, sour
     from vpr_edge.models import weights as W
 
     scheme, _, rest = identity_weights.partition(":")
-    if scheme == "random" and rest.startswith("seed="):
-        if weights not in (None, "random"):
-            raise WeightsError(f"{source} was exported with random weights ({identity_weights}); drop --weights {weights}")
-        return "random", int(rest.removeprefix("seed="))
+    if scheme in W.SYNTHETIC and rest.startswith("seed="):
+        if weights not in (None, scheme):
+            raise WeightsError(f"{source} was exported with {scheme} weights ({identity_weights}); drop --weights {weights}")
+        return scheme, int(rest.removeprefix("seed="))
     if scheme == "legacy":  # format-1 manifests recorded only 'random' / 'auto'
         return (weights or rest), 0
     if scheme != "sha256":

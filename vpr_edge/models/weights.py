@@ -239,9 +239,12 @@ def hub_checkpoint_path(w: Weights) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / w.file
 
 
+SYNTHETIC = ("random", "random-outliers")  # seeded weights made here, no file (`models.outliers` for the second)
+
+
 def checkpoint_file(weights: str, spec: Weights | None) -> Path | None:
-    """The file a weights argument names: None for 'random', the hub-cache file for 'auto', else PATH."""
-    if weights == "random":
+    """The file a weights argument names: None for seeded random weights, the hub-cache file for 'auto', else PATH."""
+    if weights in SYNTHETIC:
         return None
     if weights == "auto":
         if spec is None:
@@ -258,7 +261,7 @@ def weights_id(weights: str, spec: Weights | None, seed: int = 0) -> str:
 
     path = checkpoint_file(weights, spec)
     if path is None:
-        return random_weights_id(seed)
+        return random_weights_id(seed, weights)
     if weights == "auto" and not path.is_file():
         fetch_state_dict("auto", spec)  # downloads it (or says where to put it)
     _check_is_file(path)
@@ -339,8 +342,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def fetch_state_dict(weights: str, spec: Weights | None) -> dict[str, Any] | None:
-    """'random' -> None; 'auto' -> the official file (torch hub cache, else downloaded); PATH -> that file."""
-    if weights == "random":
+    """Seeded random weights -> None; 'auto' -> the official file (torch hub cache, else downloaded); PATH -> that file."""
+    if weights in SYNTHETIC:
         return None
     if weights != "auto":
         return read_checkpoint(weights)
@@ -430,7 +433,8 @@ def load_backbone(
     state_dict: Mapping[str, Any] | None = None,
     image_size: tuple[int, int] | None = None,
 ):
-    """Build a backbone and give it weights: 'random' (seeded), 'auto' or a PATH, or `state_dict`.
+    """Build a backbone and give it weights: 'random' (seeded), 'random-outliers' (seeded, with massive
+    activations planted: `models.outliers`), 'auto' or a PATH, or `state_dict`.
 
     `source` is where the official file lives (default spec.weights; for BoQ it is the preset's
     weights). The module built follows the layout: VisionTransformer for dinov2/dino (blocks
@@ -446,6 +450,12 @@ def load_backbone(
         origin = "the given state dict"
     if state_dict is None:
         init_random_(model, seed)
+        if weights == "random-outliers":
+            from vpr_edge.models.outliers import plant_outliers_
+
+            if image_size is None:
+                raise ConfigError("--weights random-outliers needs the input size (massive tokens are placed on its grid)")
+            plant_outliers_(model, image_size, seed)
     else:
         load_official_(model, state_dict, spec, layout, origin, source.url if source is not None else None)
     model.eval()

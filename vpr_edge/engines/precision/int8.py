@@ -61,6 +61,8 @@ class Int8Report:
     warnings: list[str] = field(default_factory=list)
     rewrites: dict[str, int] = field(default_factory=dict)  # rewrites.tidy_for_ort counts (empty: not applied)
     quantize_attention: bool = False
+    outliers: dict[str, Any] = field(default_factory=dict)  # smoothing.SmoothReport.to_dict() (empty: off)
+    split_share: dict[str, float] = field(default_factory=dict)  # MatMul -> share of its FLOPs split off to float
 
     def to_dict(self) -> dict[str, Any]:
         reasons: dict[str, int] = {}
@@ -79,6 +81,7 @@ class Int8Report:
             "attention_matmuls_quantized": self.quantize_attention,
             "graph_rewrites": self.rewrites or "not applied",
             "ort_quant_pre_process": "not applied (no gain on ViT-S; renames nodes)",
+            "outlier_channels": self.outliers or "off",
             "warnings": self.warnings,
         }
 
@@ -191,6 +194,7 @@ def int8_from_onnx(
     calibration_cache: str | Path | None = None,
     percentile: float = 99.999,
     calibration_source: str = "",
+    outliers: Any = None,
 ) -> Int8Report:
     """Write a QDQ INT8 copy of `src_onnx` to `dst_onnx`.
 
@@ -200,8 +204,14 @@ def int8_from_onnx(
     Q/DQ on both inputs. keep_first_layer: leave the layer reading the image in float.
     rewrite: apply `rewrites.tidy_for_ort` first (exact; node names kept, so exclusions still apply).
     calibration_cache: a JSON file for ORT's tensor ranges; an existing one is reused (the
-    fallback search quantises many times from one calibration; pass the same `rewrite`)."""
+    fallback search quantises many times from one calibration; pass the same `rewrite` and `outliers`).
+    outliers: `smoothing.OutlierOptions` (split outlier channels into a float MatMul, SmoothQuant the
+    rest; default off). Applied to the MatMuls the default exclusions leave quantised, whatever
+    `exclude_nodes` says, so every graph of one fallback search shares one calibration."""
+    from vpr_edge.engines.precision import minmax, smoothing
+
     q = lazy_import("onnxruntime.quantization")
+    outliers = outliers or smoothing.OFF
     if method not in CALIBRATION_METHODS:
         raise ConfigError(f"--calibration-method must be one of {sorted(CALIBRATION_METHODS)}, got {method!r}")
     src_onnx, dst_onnx = Path(src_onnx), Path(dst_onnx)
@@ -209,6 +219,7 @@ def int8_from_onnx(
     G.GraphIndex.of(model)
     names = {n.name for n in model.graph.node}
     excluded = default_exclusions(model, quantize_attention=quantize_attention, keep_first_layer=keep_first_layer)
+    by_default = [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS and n.name not in excluded]
     extra = dict(exclude_nodes) if isinstance(exclude_nodes, Mapping) else {n: "requested" for n in exclude_nodes}
     unknown = sorted(set(extra) - names)
     if unknown:
@@ -251,25 +262,52 @@ def int8_from_onnx(
     dst_onnx.parent.mkdir(parents=True, exist_ok=True)
     rewrites: dict[str, int] = {}
     quant_src = src_onnx
-    if rewrite:
-        from vpr_edge.engines.precision.rewrites import tidy_for_ort
-
+    grps: list = []
+    smooth_rep = smoothing.SmoothReport(options=outliers.to_dict())
+    full = None
+    if rewrite or outliers.active:
         full = G.load(src_onnx)
-        rewrites = tidy_for_ort(full)
-        if any(rewrites.values()):
+        if rewrite:
+            from vpr_edge.engines.precision.rewrites import tidy_for_ort
+
+            rewrites = tidy_for_ort(full)
+        if outliers.active:
+            grps = smoothing.groups(full, by_default)
+        if any(rewrites.values()) or grps:
             quant_src = dst_onnx.parent / f".{dst_onnx.stem}.rewritten.onnx"
             G.save(full, quant_src)
-        del full
+    channel_cache = Path(f"{calibration_cache}.channels.npz") if calibration_cache else None
+    have_ranges = bool(calibration_cache and Path(calibration_cache).is_file())
     temp_cache = None  # our ranges, when the caller keeps no cache of its own
     try:
-        if method == "max" and not (calibration_cache and Path(calibration_cache).is_file()):
-            # our own lean pass (one copy of the weights), handed to ORT as its calibration cache
-            from vpr_edge.engines.precision import minmax
-
-            ranges = minmax.minmax_ranges(quant_src, _read_all(reader), QUANTIZED_OPS, input_name=input_name)
+        ranges = None
+        absmax: dict[str, np.ndarray] = {}
+        if grps and channel_cache is not None and channel_cache.is_file() and have_ranges:
+            with np.load(channel_cache, allow_pickle=False) as z:
+                absmax = {g.tensor: z[f"c{i}"] for i, g in enumerate(grps) if f"c{i}" in z}
+        elif (method == "max" and not have_ranges) or grps:
+            # our own lean pass (one copy of the weights), handed to ORT as its calibration cache; the same
+            # pass takes the per-channel statistics the outlier rewrite decides from
+            ranges = minmax.minmax_ranges(quant_src, _read_all(reader), QUANTIZED_OPS, input_name=input_name,
+                                          channels={g.tensor: g.channels for g in grps}, channel_absmax=absmax)
+            if channel_cache is not None and grps:
+                np.savez(channel_cache, **{f"c{i}": absmax[g.tensor] for i, g in enumerate(grps)})
+            if method != "max" or have_ranges:
+                ranges = None  # ORT's histogram calibrators (or the cache) give the ranges
+        if grps:
+            smooth_rep = smoothing.smooth_(full, absmax, grps, outliers)
+            if smooth_rep.smoothed:
+                G.save(full, quant_src)
+            if ranges is not None:
+                for t, r in smooth_rep.ranges.items():
+                    ranges[t] = (np.array(-r, dtype=np.float32), np.array(r, dtype=np.float32))
+        del full
+        if ranges is not None:
             if not calibration_cache:
                 calibration_cache = temp_cache = dst_onnx.parent / f".{dst_onnx.stem}.ranges.json"
             minmax.write_ort_cache(ranges, calibration_cache)
+        for n in smooth_rep.split_nodes:
+            excluded[n] = "outlier channels split off the INT8 product (float)"
         with _quiet_ort():
             q.quantize_static(
                 str(quant_src),
@@ -303,7 +341,7 @@ def int8_from_onnx(
         raise ArtifactError(f"INT8 graph {dst_onnx} is not what TensorRT expects: {problems[:3]}")
     return Int8Report(
         quantized=quantized,
-        excluded={n: why for n, why in excluded.items() if n in set(targets)},
+        excluded={n: why for n, why in excluded.items() if n in set(targets) | set(smooth_rep.split_nodes)},
         calibration={
             "method": method,
             "ort_method": CALIBRATION_METHODS[method],
@@ -314,6 +352,8 @@ def int8_from_onnx(
         warnings=warnings,
         rewrites=rewrites,
         quantize_attention=quantize_attention,
+        outliers=smooth_rep.to_dict() if outliers.active else {},
+        split_share=dict(smooth_rep.split_share),
     )
 
 
@@ -411,8 +451,13 @@ class Int8Lowering:
     candidate_ops: tuple[str, ...] | None = QUANTIZED_OPS  # only these can be kept in float
 
     def __init__(self, fp32_onnx: Path, verify, *, calibration: np.ndarray | None = None,
-                 calibration_method: str = "max", calibration_source: str = "", work: Path | None = None, **_: Any):
+                 calibration_method: str = "max", calibration_source: str = "", work: Path | None = None,
+                 outliers: Any = None, **_: Any):
+        from vpr_edge.engines.precision.smoothing import OutlierOptions
+
         self.src = Path(fp32_onnx)
+        self.outliers = OutlierOptions() if outliers is None else outliers  # on by default: it leaves tame graphs alone
+        self.split_share: dict[str, float] = {}
         self.verify = verify
         self.method = calibration_method
         self.warnings: list[str] = []
@@ -439,9 +484,10 @@ class Int8Lowering:
 
     def build(self, keep: frozenset[str], dst: Path) -> None:
         rep = int8_from_onnx(self.src, dst, self.batches, self.method, exclude_nodes={n: "fallback search" for n in keep},
-                             calibration_cache=self.cache, calibration_source=self.source)
+                             calibration_cache=self.cache, calibration_source=self.source, outliers=self.outliers)
         rep.calibration["images"] = int(len(self.calib))
         self.kept = set(rep.excluded)
+        self.split_share = dict(rep.split_share)
         self.details["int8"] = rep.to_dict()
         self.warnings.extend(x for x in rep.warnings if x not in self.warnings)
 

@@ -92,13 +92,15 @@ def lower_onnx(
     overflow_guard: bool = True,
     accept_fidelity: bool = False,
     max_evals: int = 48,
+    outliers: Any = None,
 ) -> LowerResult:
     """Write the `precision` graph of `fp32_onnx` to `dst_onnx` and verify it.
 
     reference: FP32 outputs on verify.images (default: ORT on `fp32_onnx`). to_descriptors maps raw
     outputs (e.g. backbone features) to descriptors before comparison. run_final(path) -> descriptors of
     verify.images through the path users run (default: ORT + to_descriptors). calibration: INT8
-    calibration images [n, 3, H, W] (default: the verify images, with a warning). Raises FidelityError
+    calibration images [n, 3, H, W] (default: the verify images, with a warning). outliers: INT8's
+    `smoothing.OutlierOptions` (default: the lowering's own). Raises FidelityError
     outside the record's gate unless accept_fidelity, which is then recorded."""
     from vpr_edge.engines.precision.emulate import save_fp16_emulation
     from vpr_edge.engines.precision.fallback import fallback_search
@@ -121,6 +123,7 @@ def lower_onnx(
     lowering = record.lowering()(
         fp32_onnx, verify, io_dtype=io_dtype, overflow_guard=overflow_guard, calibration=calibration,
         calibration_method=calibration_method, calibration_source=calibration_source, work=work,
+        **({"outliers": outliers} if outliers is not None else {}),
     )
     details: dict[str, Any] = {"precision": precision}
     timings: dict[str, float] = {}
@@ -194,7 +197,16 @@ def lower_onnx(
             lowering.build(keep, dst_onnx)
         details.update(lowering.final_details(model))
         total = sum(flops.values()) or 1.0
-        details["high_precision_flops_fraction"] = sum(flops.get(n, 0.0) for n in lowering.kept) / total
+        kept_flops = sum(flops.get(n, 0.0) for n in lowering.kept)
+        # INT8's split-off outlier channels: the share of each MatMul's FLOPs that runs in float
+        kept_flops += sum(flops.get(n, 0.0) * share for n, share in getattr(lowering, "split_share", {}).items()
+                          if n not in lowering.kept)
+        details["high_precision_flops_fraction"] = kept_flops / total
+        # what the fallback and the outlier split keep beyond the precision's fixed exclusions (attention, head,
+        # first layer): the cost of making this graph pass
+        beyond = sum(flops.get(n, 0.0) for n in keep) + sum(
+            flops.get(n, 0.0) * share for n, share in getattr(lowering, "split_share", {}).items() if n not in keep)
+        details["beyond_default_flops_fraction"] = beyond / total
 
         with timed("verification run"):
             final = run_final(dst_onnx) if run_final is not None else post(run_onnx(dst_onnx, verify.images))

@@ -46,9 +46,27 @@ def tensors_to_calibrate(model, op_types: Sequence[str]) -> list[str]:
     return out
 
 
-def write_augmented(model_path: Path, op_types: Sequence[str]) -> tuple[Path, list[str]]:
+def _channel_absmax_nodes(helper, model, t: str, k: int, tag: str) -> tuple[list, str]:
+    """Nodes computing max |t| per channel of its last axis (size k) -> [k]."""
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=17)
+    shape = helper.make_tensor(f"{tag}_shape", 7, [2], [-1, k])
+    nodes = [helper.make_node("Constant", [], [f"{tag}_shape_v"], value=shape, name=f"{tag}_shape"),
+             helper.make_node("Reshape", [t, f"{tag}_shape_v"], [f"{tag}_2d"], name=f"{tag}_reshape"),
+             helper.make_node("Abs", [f"{tag}_2d"], [f"{tag}_abs"], name=f"{tag}_abs")]
+    if opset >= 18:
+        axes = helper.make_tensor(f"{tag}_axes", 7, [1], [0])
+        nodes.append(helper.make_node("Constant", [], [f"{tag}_axes_v"], value=axes, name=f"{tag}_axes"))
+        nodes.append(helper.make_node("ReduceMax", [f"{tag}_abs", f"{tag}_axes_v"], [tag], keepdims=0, name=tag))
+    else:
+        nodes.append(helper.make_node("ReduceMax", [f"{tag}_abs"], [tag], axes=[0], keepdims=0, name=tag))
+    return nodes, tag
+
+
+def write_augmented(model_path: Path, op_types: Sequence[str], channels: dict[str, int] | None = None
+                    ) -> tuple[Path, list[str]]:
     """A structure-only copy of the graph beside `model_path` (so its external data still resolves)
-    whose outputs are ReduceMin/ReduceMax of every tensor to calibrate: (its path, those tensors).
+    whose outputs are ReduceMin/ReduceMax of every tensor to calibrate: (its path, those tensors), then
+    per-channel max |x| of each tensor in `channels` ({tensor: channels of its last axis}).
     For FP32 graphs (the only ones INT8 lowering quantises): the reductions are declared float32."""
     onnx = lazy_import("onnx")
     helper = onnx.helper
@@ -61,6 +79,10 @@ def write_augmented(model_path: Path, op_types: Sequence[str]) -> tuple[Path, li
             out = f"__calib_{i}_{op}"
             reducers.setdefault(t, []).append(helper.make_node(op, [t], [out], keepdims=0, name=out))
             outputs.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, []))
+    for i, (t, k) in enumerate((channels or {}).items()):
+        nodes, out = _channel_absmax_nodes(helper, model, t, k, f"__calib_channels_{i}")
+        reducers.setdefault(t, []).extend(nodes)
+        outputs.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [k]))
     # each reduction right after its tensor's producer (ORT picks its own execution order: this alone
     # did not lower the ViT-G peak, running one image per call did; see minmax_ranges)
     nodes = [r for t in model.graph.input if t.name in reducers for r in reducers[t.name]]
@@ -78,11 +100,15 @@ def write_augmented(model_path: Path, op_types: Sequence[str]) -> tuple[Path, li
 
 def minmax_ranges(
     model_path: str | Path, batches: Iterable[np.ndarray], op_types: Sequence[str], *,
-    input_name: str | None = None,
+    input_name: str | None = None, channels: dict[str, int] | None = None, channel_absmax: dict | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{tensor: (min, max)} over `batches` for the tensors ORT's MinMax calibrator would pick."""
+    """{tensor: (min, max)} over `batches` for the tensors ORT's MinMax calibrator would pick. With
+    `channels` ({tensor: K}), the same pass also fills `channel_absmax` with {tensor: max |x| per channel [K]}
+    (what `smoothing` decides from)."""
     model_path = Path(model_path)
-    aug, names = write_augmented(model_path, op_types)
+    channels = dict(channels or {})
+    aug, names = write_augmented(model_path, op_types, channels)
+    chan = {t: np.zeros(k, dtype=np.float32) for t, k in channels.items()}
     try:
         sess = cpu_session(aug, prepack=False)
         input_name = input_name or sess.get_inputs()[0].name
@@ -98,8 +124,11 @@ def minmax_ranges(
             for start in range(0, len(batch), step):
                 part = np.ascontiguousarray(batch[start : start + step], dtype=np.float32)
                 vals = sess.run(None, {input_name: part})
-                lo = np.fmin(lo, np.asarray(vals[0::2], dtype=np.float32))
-                hi = np.fmax(hi, np.asarray(vals[1::2], dtype=np.float32))
+                pairs, per_channel = vals[: 2 * len(names)], vals[2 * len(names):]
+                lo = np.fmin(lo, np.asarray(pairs[0::2], dtype=np.float32))
+                hi = np.fmax(hi, np.asarray(pairs[1::2], dtype=np.float32))
+                for t, v in zip(chan, per_channel):
+                    chan[t] = np.fmax(chan[t], np.asarray(v, dtype=np.float32))
             seen += 1
         del sess
     finally:
@@ -108,6 +137,8 @@ def minmax_ranges(
         from vpr_edge.errors import ConfigError
 
         raise ConfigError("INT8 calibration got no images; pass --calibration DIR with a few hundred images")
+    if channel_absmax is not None:
+        channel_absmax.update(chan)
     # raw min/max, as ORT's calibrator stores them: the quantiser makes them symmetric
     return {t: (np.array(a, dtype=np.float32), np.array(b, dtype=np.float32)) for t, a, b in zip(names, lo, hi)}
 

@@ -128,9 +128,9 @@ PRECISIONS: dict[str, Precision] = {
                 Threshold("top1_agreement", 0.95, label="top-1 agreement {value:.3f} < {bound}"),
             ),
             lowering=_int8,
-            options=_LOWERED | {"calibration", "calibration_method", "calibration_limit"},
+            options=_LOWERED | {"calibration", "calibration_method", "calibration_limit", "int8_outliers", "smooth_alpha"},
             keeps="everything but MatMul/Gemm/Conv inputs; attention MatMuls, the layer reading the image and the "
-            "descriptor head stay float",
+            "descriptor head stay float; outlier input channels found in calibration go through a thin float MatMul",
         ),
     )
 }
