@@ -55,6 +55,10 @@ def main() -> None:
     ap.add_argument("--target-agreement", type=float, default=None, help="passed to the FP16/INT8 exports")
     ap.add_argument("--int8-target", type=float, default=None,
                     help="also export and bench INT8 with --target-agreement F (variant onnx-int8-fallback)")
+    ap.add_argument("--weights", default="random", help="random (default) or random-outliers (the INT8 stress model)")
+    ap.add_argument("--no-fp16", action="store_true", help="skip the FP16 export")
+    ap.add_argument("--int8-plain", action="store_true",
+                    help="also export INT8 with --int8-outliers off (variant onnx-int8-plain): what outlier handling changes")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for PyTorch and ONNX Runtime in the bench")
     ap.add_argument("--reuse", action="store_true",
                     help="keep artifacts an interrupted earlier run already wrote (their commands are logged as reused)")
@@ -65,7 +69,7 @@ def main() -> None:
     arts.mkdir(parents=True, exist_ok=True)
     exe = [sys.executable, "-m", "vpr_edge.cli.main"]
     log: list[str] = []
-    common = ["--model", args.model, "--weights", "random", "--verify", str(CORRIDOR), "--verify-limit",
+    common = ["--model", args.model, "--weights", args.weights, "--verify", str(CORRIDOR), "--verify-limit",
               str(args.verify_limit), "--quiet", "--force"]
     reuse = (lambda name: arts / name) if args.reuse else (lambda name: None)
     run(exe + ["export", *common, "--output", str(arts / "fp32")], log, reuse("fp32"))
@@ -74,19 +78,23 @@ def main() -> None:
     pca = arts / "fp32" / "pca.npz"
     same_space += ["--pca", str(pca)] if pca.exists() else []
     target = ["--target-agreement", str(args.target_agreement)] if args.target_agreement else []
-    run(exe + ["export", *common, *same_space, *target, "--precision", "fp16", "--accept-fidelity",
-               "--output", str(arts / "fp16")], log, reuse("fp16"))
+    if not args.no_fp16:
+        run(exe + ["export", *common, *same_space, *target, "--precision", "fp16", "--accept-fidelity",
+                   "--output", str(arts / "fp16")], log, reuse("fp16"))
     int8 = ["export", *common, *same_space, "--precision", "int8", "--accept-fidelity", "--calibration",
             str(CORRIDOR / "database")]
     if args.calibration_limit:
         int8 += ["--calibration-limit", str(args.calibration_limit)]
     run(exe + [*int8, *target, "--output", str(arts / "int8")], log, reuse("int8"))
-    kinds = {"fp32": "onnx-fp32", "fp16": "onnx-fp16", "int8": "onnx-int8"}
+    kinds = {"fp32": "onnx-fp32", **({} if args.no_fp16 else {"fp16": "onnx-fp16"}), "int8": "onnx-int8"}
+    if args.int8_plain:
+        run(exe + [*int8, *target, "--int8-outliers", "off", "--output", str(arts / "int8-plain")], log, reuse("int8-plain"))
+        kinds["int8-plain"] = "onnx-int8-plain"
     if args.int8_target:
         run(exe + [*int8, "--target-agreement", str(args.int8_target), "--output", str(arts / "int8-fallback")], log, reuse("int8-fallback"))
         kinds["int8-fallback"] = "onnx-int8-fallback"
     variants = [a for k, name in kinds.items() for a in ("--variant", f"{name}={arts / k}")]
-    run(exe + ["bench", str(CORRIDOR), *variants, "--pytorch", "onnx-fp32", "--weights", "random", "--threads",
+    run(exe + ["bench", str(CORRIDOR), *variants, "--pytorch", "onnx-fp32", "--weights", args.weights, "--threads",
                str(args.threads), "--limit", str(args.bench_limit), "--batches", args.batches, "--runs",
                str(args.runs), "--warmup", "2", "--output", str(out / "bench"), "--force"], log)
     sizes = {}
@@ -108,6 +116,8 @@ def main() -> None:
             "fallback_blocks": fb["blocks"] if fb else None,
             "fallback_met": fb["met"] if fb else None,
             "high_precision_flops_fraction": m["details"].get("high_precision_flops_fraction"),
+            "beyond_default_flops_fraction": m["details"].get("beyond_default_flops_fraction"),
+            "outlier_channels": (m["details"].get("int8") or {}).get("outlier_channels"),
         }
     bench = json.loads((out / "bench" / "results.json").read_text())
     latency = {}
@@ -120,7 +130,7 @@ def main() -> None:
             "bench_top1_agreement": fid.get("top1_agreement"),
             "bench_cos_mean": fid.get("cos_mean"),
         }
-    summary = {"model": args.model, "threads": args.threads, "machine": bench["machine"].get("cpu"),
+    summary = {"model": args.model, "weights": args.weights, "threads": args.threads, "machine": bench["machine"].get("cpu"),
                "artifact_mib": sizes, "export_verification": export_fidelity, "bench": latency, "commands": log}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "commands.txt").write_text("\n".join(log) + "\n")

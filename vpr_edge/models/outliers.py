@@ -11,11 +11,12 @@ layout and loads into the authors' code like any checkpoint).
 
 The transformation (`plant_outliers_`, seeded, deterministic), at block k = depth // 3 (a middle block; it
 must be one the model computes):
-- a marker: `tokens` patch positions of the model's token grid (seeded) get +M in one residual channel c,
+- a marker: `tokens` patch positions of the model's token grid (seeded) get +M along a direction spread
+  over `marker_channels` residual channels (so no single early channel becomes an outlier of its own),
   written into the position embedding so that dinov2's own bicubic resampling (scale factors + 0.1) gives
   exactly that delta at the model's input size (a minimum-norm least-squares solve through the resampling,
   which is linear); at other input sizes the marker smears over neighbouring tokens;
-- a detector: one hidden unit u of block k's MLP reads channel c of norm2's output and fires only at marked
+- a detector: one hidden unit u of block k's MLP reads the marker direction of norm2's output and fires only at marked
   tokens (bias below every unmarked token); for SwiGLU (ViT-G) the unit's gate half does, its linear half is
   a constant 1;
 - the spike: unit u's activation at those tokens is `activation_ratio` x the median |fc2 input| of the
@@ -49,7 +50,8 @@ class OutlierSpec:
     tokens: int = 4  # massive patch tokens per image
     norm_ratio: float = 50.0  # their residual norm after the planting block / the median token's
     activation_ratio: float = 3000.0  # peak of the spiking fc2 input / its median |value|
-    detector_sigma: float = 12.0  # marker channel after norm2, in units of its spread over unmarked tokens (capped by the width)
+    detector_sigma: float = 12.0  # marker after norm2, in units of its spread over unmarked tokens (capped by the width)
+    marker_channels: int = 8  # residual channels the marker is spread over (each carries 1/sqrt(n) of it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,7 +116,11 @@ def plant_outliers_(model, image_size: tuple[int, int], seed: int = 0, spec: Out
     if spec.tokens >= g // 2:
         raise ConfigError(f"{spec.tokens} massive tokens in a {grid[0]}x{grid[1]} grid is not 'a few'")
     rng = _rng(seed, "outliers")
-    marker, out1, out2 = (int(c) for c in rng.choice(d, size=3, replace=False))
+    n_mark = max(1, min(spec.marker_channels, d // 8))
+    picked = [int(c) for c in rng.choice(d, size=n_mark + 2, replace=False)]
+    marker, (out1, out2) = picked[:n_mark], picked[n_mark:]
+    direction = torch.zeros(d)
+    direction[marker] = 1.0 / math.sqrt(n_mark)
     where = np.sort(rng.choice(g, size=spec.tokens, replace=False))
     blk = vit.blocks[k]
     mlp = blk.mlp
@@ -129,9 +135,9 @@ def plant_outliers_(model, image_size: tuple[int, int], seed: int = 0, spec: Out
                 t = b(t)
             return t[:, vit.num_prefix_tokens:]
 
-        # 1. the marker: +m in channel `marker` at `where`, m set from the token spread at block k
+        # 1. the marker: +m along `direction` at `where`, m set from the token spread at block k
         x = residual_at_block()
-        sigma = float(x[..., marker].std())
+        sigma = float((x @ direction).std())
         v = min(spec.detector_sigma, 0.9 * math.sqrt(d))  # LayerNorm bounds one channel by sqrt(d)
         m = v * sigma / math.sqrt(max(1e-6, 1 - v * v / d))
         target = np.zeros(g)
@@ -144,14 +150,14 @@ def plant_outliers_(model, image_size: tuple[int, int], seed: int = 0, spec: Out
             got = k_mat @ delta
             where = np.flatnonzero(got >= 0.9 * m)
         clear = got < 0.1 * m  # tokens the detector must stay off at (bump flanks may fire: measured, not assumed)
-        vit.pos_embed[0, 1:, marker] += torch.from_numpy(delta).float()
+        vit.pos_embed[0, 1:] += torch.from_numpy(delta).float()[:, None] * direction[None, :]
         vit._refresh_fixed_pos_embed()
         vit.set_image_size(image_size)
 
         # 2. the detector: unit fires only at marked tokens (threshold between them and the rest)
         x = residual_at_block()
         h, z = _mlp_input(blk, x)
-        zc = z[..., marker]
+        zc = z @ direction
         marked = torch.zeros(g, dtype=torch.bool)
         marked[torch.from_numpy(where)] = True
         lo, hi = float(zc[:, torch.from_numpy(clear)].max()), float(zc[:, marked].min())
@@ -163,13 +169,13 @@ def plant_outliers_(model, image_size: tuple[int, int], seed: int = 0, spec: Out
         mlp.fc1.bias[rows] = 0.0
         if glu:
             mlp.fc1.bias[rows[1]] = 1.0  # the linear half: a constant 1 (gate_last False: act(first) * second)
-        mlp.fc1.weight[unit, marker] = 1.0
+        mlp.fc1.weight[unit] = direction
         mlp.fc1.bias[unit] = -threshold
         hid = _hidden(mlp, z)
         med = float(hid.abs().median())
         peak = float(hid[..., unit][:, marked].min())
         gain = spec.activation_ratio * med / peak
-        mlp.fc1.weight[unit, marker] *= gain
+        mlp.fc1.weight[unit] *= gain
         mlp.fc1.bias[unit] *= gain
         hid = _hidden(mlp, z)
         peak_u = hid[..., unit][:, marked]  # [n_img, tokens]
@@ -183,15 +189,15 @@ def plant_outliers_(model, image_size: tuple[int, int], seed: int = 0, spec: Out
         mlp.fc2.weight[out1, unit] = value / float(gamma[out1])
         mlp.fc2.weight[out2, unit] = -value / float(gamma[out2])
     return {
-        "block": k, "token_positions": [int(w) for w in where], "exact_marker": bool(g <= k_mat.shape[1]), "grid": list(grid), "marker_channel": marker,
+        "block": k, "token_positions": [int(w) for w in where], "exact_marker": bool(g <= k_mat.shape[1]), "grid": list(grid), "marker_channels": marker,
         "massive_channels": [out1, out2], "mlp_unit": unit, **spec.to_dict(),
     }
 
 
 def outlier_stats(model, images, block: int | None = None) -> dict[str, float]:
     """Measured on `images` [B, 3, H, W]: max/median token norm after the planting block, max/median |fc2 input|
-    of that block, and max/median of per-channel max |value| of a later block's norm1 output (what its qkv
-    MatMul reads): the ratios the stress model is stated by."""
+    of that block, and max/median of per-channel max |value| of the next block's and of block 0's norm1 output
+    (what their qkv MatMuls read): the ratios the stress model is stated by."""
     vit = _vit(model)
     k = plant_block(vit.spec.depth) if block is None else block
     later = min(len(vit.blocks) - 1, k + 1)
@@ -204,7 +210,8 @@ def outlier_stats(model, images, block: int | None = None) -> dict[str, float]:
 
     hooks = [vit.blocks[k].register_forward_hook(keep("block_out")),
              vit.blocks[k].mlp.fc2.register_forward_hook(keep("fc2_in")),
-             vit.blocks[later].norm1.register_forward_hook(keep("norm1_later"))]
+             vit.blocks[later].norm1.register_forward_hook(keep("norm1_later")),
+             vit.blocks[0].norm1.register_forward_hook(keep("norm1_first"))]
     try:
         with torch.no_grad():
             t = vit.prepare_tokens(images)
@@ -217,10 +224,12 @@ def outlier_stats(model, images, block: int | None = None) -> dict[str, float]:
     norms = got["block_out"][:, p:].norm(dim=-1)
     fc2 = got["fc2_in"][:, p:].abs()
     chan = got["norm1_later"][:, p:].abs().amax(dim=(0, 1))
+    first = got["norm1_first"][:, p:].abs().amax(dim=(0, 1))
     return {
         "block": k,
         "token_norm_ratio": float(norms.max() / norms.median()),
         "fc2_input_max_over_median": float(fc2.max() / fc2.median()),
         "later_norm1_channel_max_over_median": float(chan.max() / chan.median()),
+        "first_norm1_channel_max_over_median": float(first.max() / first.median()),  # the marker must not show here
         "tokens_over_10x_median_norm": float((norms > 10 * norms.median()).float().sum(dim=1).mean()),
     }
