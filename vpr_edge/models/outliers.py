@@ -51,7 +51,7 @@ class OutlierSpec:
     norm_ratio: float = 50.0  # their residual norm after the planting block / the median token's
     activation_ratio: float = 3000.0  # peak of the spiking fc2 input / its median |value|
     detector_sigma: float = 12.0  # marker after norm2, in units of its spread over unmarked tokens (capped by the width)
-    marker_channels: int = 8  # residual channels the marker is spread over (each carries 1/sqrt(n) of it)
+    marker_channels: int = 0  # residual channels the marker is spread over (each carries 1/sqrt(n)); 0: width // 48
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,7 +116,7 @@ def plant_outliers_(model, image_size: tuple[int, int], seed: int = 0, spec: Out
     if spec.tokens >= g // 2:
         raise ConfigError(f"{spec.tokens} massive tokens in a {grid[0]}x{grid[1]} grid is not 'a few'")
     rng = _rng(seed, "outliers")
-    n_mark = max(1, min(spec.marker_channels, d // 8))
+    n_mark = max(1, min(spec.marker_channels or d // 48, d // 8))
     picked = [int(c) for c in rng.choice(d, size=n_mark + 2, replace=False)]
     marker, (out1, out2) = picked[:n_mark], picked[n_mark:]
     direction = torch.zeros(d)
@@ -126,8 +126,10 @@ def plant_outliers_(model, image_size: tuple[int, int], seed: int = 0, spec: Out
     mlp = blk.mlp
     unit = int(rng.integers(0, mlp.fc2.in_features))
     glu = hasattr(mlp, "chunk_dim")
-    n_img = 2
+    # noise at three contrasts, so the detector's threshold holds for images brighter or flatter than one noise level
+    n_img = 3
     noise = torch.from_numpy(_rng(seed, "noise images").standard_normal((n_img, 3, *image_size)).astype(np.float32))
+    noise *= torch.tensor([0.5, 1.0, 2.0]).view(3, 1, 1, 1)
     with torch.no_grad():
         def residual_at_block():
             t = vit.prepare_tokens(noise)
@@ -163,7 +165,9 @@ def plant_outliers_(model, image_size: tuple[int, int], seed: int = 0, spec: Out
         lo, hi = float(zc[:, torch.from_numpy(clear)].max()), float(zc[:, marked].min())
         if not hi > lo:
             raise ConfigError(f"outlier marker did not separate the marked tokens at block {k} ({hi:.3g} <= {lo:.3g})")
-        threshold = hi - 0.25 * (hi - lo)  # near the marked tokens: bump flanks (tiny grids) stay mostly off
+        # exact markers: a wide margin on both sides (real images move both); bumps (tiny grids): near the marked
+        # tokens so the flanks stay mostly off
+        threshold = lo + 0.3 * (hi - lo) if g <= k_mat.shape[1] else hi - 0.25 * (hi - lo)
         rows = [unit] if not glu else [unit, unit + mlp.fc2.in_features]
         mlp.fc1.weight[rows] = 0.0
         mlp.fc1.bias[rows] = 0.0
