@@ -66,8 +66,10 @@ def stress_ratios(n_images: int) -> dict:
     return out
 
 
-def modelopt_int8(mo_path: Path, fp32: Path, dst: Path, method: str) -> dict:
-    """ModelOpt's ONNX INT8 PTQ of `fp32` in a subprocess with `mo_path` on its path, judged like our exports."""
+def modelopt_int8(mo_path: Path, fp32: Path, dst: Path, method: str, same_nodes: bool) -> dict:
+    """ModelOpt's ONNX INT8 PTQ of `fp32` in a subprocess with `mo_path` on its path, judged like our exports.
+    same_nodes: quantise only MatMul/Gemm/Conv and leave our default exclusions (attention, first layer, the
+    VLAD head) in float, as our INT8 does; else ModelOpt's own defaults."""
     code = f"""
 import json, time, collections
 import onnx
@@ -80,9 +82,15 @@ from vpr_edge.onnxrt import run_onnx
 p = presets.get("anyloc-dinov2-vits14")
 vs = verify_set({str(CORRIDOR)!r}, p.preprocess, 64)
 cal, _ = calibration_images({str(CORRIDOR / 'database')!r}, p.preprocess)
+kw = {{}}
+if {same_nodes!r}:
+    from vpr_edge.engines import graph as G
+    from vpr_edge.engines.precision.int8 import default_exclusions
+    kw = dict(op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+              nodes_to_exclude=sorted(default_exclusions(G.load({str(fp32)!r}, load_weights=False))))
 t = time.perf_counter()
 moq.quantize({str(fp32)!r}, quantize_mode="int8", calibration_data={{"images": cal}}, calibration_method={method!r},
-             calibration_eps=["cpu"], high_precision_dtype="fp32", output_path={str(dst)!r}, log_level="WARNING")
+             calibration_eps=["cpu"], high_precision_dtype="fp32", output_path={str(dst)!r}, log_level="WARNING", **kw)
 secs = time.perf_counter() - t
 r = compare_outputs(run_onnx({str(fp32)!r}, vs.images), run_onnx({str(dst)!r}, vs.images), vs.db_idx, vs.q_idx, vs.positives)
 ops = collections.Counter(n.op_type for n in onnx.load({str(dst)!r}, load_external_data=False).graph.node)
@@ -129,15 +137,19 @@ def main() -> None:
     modelopt = {}
     if args.modelopt_path:
         for w in ("random", "random-outliers"):
-            fp32 = out / w / "fp32-onnx" / "model.onnx"
+            fp32 = out / w / "artifacts" / "fp32-for-modelopt" / "model.onnx"
             if not fp32.is_file():
                 subprocess.run([sys.executable, "-m", "vpr_edge.cli.main", "export", "--model", "anyloc-dinov2-vits14",
                                 "--weights", w, "--verify", str(CORRIDOR / "queries"), "--quiet", "--force",
                                 "--output", str(fp32.parent)], check=True)
-            for method in ("max", "entropy"):
-                modelopt[f"{w}/{method}"] = modelopt_int8(args.modelopt_path, fp32, out / w / f"modelopt-{method}.onnx", method)
-                print(w, method, modelopt[f"{w}/{method}"], flush=True)
+            for method, same in (("max", False), ("entropy", False), ("max", True)):
+                key = f"{w}/{method}" + ("/our-nodes" if same else "/defaults")
+                modelopt[key] = modelopt_int8(args.modelopt_path, fp32, out / w / f"modelopt-{method}.onnx", method, same)
+                print(key, modelopt[key], flush=True)
                 (out / w / f"modelopt-{method}.onnx").unlink(missing_ok=True)
+            for f in fp32.parent.iterdir():  # re-creatable from the command: keep the manifest only
+                if f.name != "manifest.json":
+                    f.unlink()
     summary = {"cpu_features": cpu_features(), "stress_ratios": ratios, "precision": runs, "modelopt": modelopt,
                "command": " ".join([Path(sys.executable).name, *sys.argv])}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -156,7 +168,8 @@ def write_report(s: dict, out: Path) -> None:
             lines.append(f"| {name} | {row['arch']} | {row['plant_block']} | {w} | {r['token_norm_ratio']:.1f} | "
                          f"{r['fc2_input_max_over_median']:.0f} | {r['later_norm1_channel_max_over_median']:.2f} | "
                          f"{r['first_norm1_channel_max_over_median']:.2f} | {r['tokens_over_10x_median_norm']:.1f} |")
-    lines += ["", "## INT8 export verification (64 Corridor queries vs PyTorch FP32) and latency (batch 1)", "",
+    lines += ["", "## INT8 export verification (64 Corridor images: 32 queries vs 32 database, against PyTorch FP32) "
+              "and latency (`vpr-edge bench`, batch 1, 32 images, 10 runs, one run per weights)", "",
               "| weights | variant | gate | cos mean | cos min | top-1 | top-5 | FLOPs kept beyond default | split channels | ms/img | vs PyTorch FP32 |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     names = {"int8-plain": "onnx-int8-plain", "int8": "onnx-int8", "int8-fallback": "onnx-int8-fallback", "fp32": "onnx-fp32"}
@@ -173,7 +186,7 @@ def write_report(s: dict, out: Path) -> None:
             beyond = ev.get("beyond_default_flops_fraction")
             lines.append(
                 f"| {w} | {var} | {'pass' if ev['passed'] else 'FAIL'} | {ev['cos_mean']:.4f} | {ev['cos_min']:.4f} | "
-                f"{ev['top1_agreement']:.3f} | {ev['top5_agreement']:.3f} | {'-' if beyond is None else f'{beyond:.4f}'} | "
+                f"{ev['top1_agreement']:.3f} | {ev['top5_agreement']:.3f} | {'-' if beyond is None else f'{beyond:.4%}'} | "
                 f"{split} | {b.get('p50_ms_per_image', {}).get('1', '-')} | {b.get('speedup_vs_pytorch_fp32', {}).get('1', '-')} |")
     if s["modelopt"]:
         lines += ["", "## ModelOpt ONNX INT8 PTQ (nvidia-modelopt 0.47, CPU ORT, FP32 elsewhere) on the same FP32 graphs", "",
@@ -203,7 +216,7 @@ def write_report(s: dict, out: Path) -> None:
                 top1.append(ev["top1_agreement"])
     for k, r in s["modelopt"].items():
         if "error" not in r:
-            labels.append(f"{k.split('/')[0]}\nmodelopt-{k.split('/')[1]}")
+            labels.append(f"{k.split('/')[0]}\nmodelopt-{'-'.join(k.split('/')[1:])}")
             cos.append(r["cos_mean"])
             top1.append(r["top1_agreement"])
     x = range(len(labels))
