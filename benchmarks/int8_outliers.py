@@ -35,6 +35,7 @@ STRESS_PRESETS = {  # preset -> blocks built for the ratio measurement (the plan
 
 def stress_ratios(n_images: int) -> dict:
     """The stress model's ratios on Corridor images at each preset's input size, random vs random-outliers."""
+    import numpy as np
     import torch
 
     from vpr_edge import datasets, presets
@@ -47,7 +48,7 @@ def stress_ratios(n_images: int) -> dict:
     for name, blocks in STRESS_PRESETS.items():
         p = presets.get(name)
         size = p.preprocess.image_size
-        imgs = torch.from_numpy(__import__("numpy").stack([preprocess_image(x, p.preprocess) for x in paths]))
+        imgs = torch.from_numpy(np.stack([preprocess_image(x, p.preprocess) for x in paths]))
         k = plant_block(p.backbone.depth)
         n = blocks or (p.facet.layer + 1 if p.facet else None)
         row = {"arch": p.backbone.arch, "image_size": list(size), "plant_block": k}

@@ -23,7 +23,7 @@ import re
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from vpr_edge.errors import ArtifactError
 from vpr_edge.lazy import lazy_import
@@ -176,6 +176,21 @@ def save_streamed(model: Any, path: str | Path, weights_dir: str | Path | None, 
         tmp.unlink(missing_ok=True)
         tmp_graph.unlink(missing_ok=True)
     return path
+
+
+def insert_after(model, after_tensor: Mapping[str, list] | None = None, after_node: Mapping[str, list] | None = None) -> None:
+    """Insert nodes in place: `after_tensor[t]` right after the node producing t (first, for a graph input),
+    `after_node[n]` right after node n. The graph stays in topological order, and a run in written order
+    (`onnxrt.session(written_order=True)`) reads each tensor while it is still alive."""
+    after_tensor, after_node = after_tensor or {}, after_node or {}
+    nodes = [n for t in model.graph.input for n in after_tensor.get(t.name, ())]
+    for node in model.graph.node:
+        nodes.append(node)
+        for t in node.output:
+            nodes.extend(after_tensor.get(t, ()))
+        nodes.extend(after_node.get(node.name, ()))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,6 +100,7 @@ class ExportOptions:
             users = sorted(n for n, p in table.PRECISIONS.items() if set(idle) <= p.options)
             raise ConfigError(f"{opts} do(es) nothing with --precision {self.precision}"
                               + (f"; it applies to --precision {', '.join(users)}" if users else ""))
+        _outlier_options(self)  # --smooth-alpha checked here, before any model is built
 
 
 def _graph_report(preset: Preset, onnx_path: Path) -> dict:

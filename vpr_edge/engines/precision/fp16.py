@@ -454,13 +454,7 @@ def _scan_graph(model, candidates: list[str]):
             helper.make_node("ReduceSum", [z], [s], name=s, keepdims=0),
         ]
         outs.append((t, m, s))
-    nodes = []
-    for node in probe.graph.node:
-        nodes.append(node)
-        for t in node.output:
-            nodes.extend(reductions.get(t, ()))
-    del probe.graph.node[:]
-    probe.graph.node.extend(nodes)
+    G.insert_after(probe, reductions)
     del probe.graph.output[:]
     for _, m, s in outs:
         probe.graph.output.extend([helper.make_tensor_value_info(m, G.FLOAT, []),

@@ -197,16 +197,17 @@ def lower_onnx(
             lowering.build(keep, dst_onnx)
         details.update(lowering.final_details(model))
         total = sum(flops.values()) or 1.0
-        kept_flops = sum(flops.get(n, 0.0) for n in lowering.kept)
-        # INT8's split-off outlier channels: the share of each MatMul's FLOPs that runs in float
-        kept_flops += sum(flops.get(n, 0.0) * share for n, share in getattr(lowering, "split_share", {}).items()
-                          if n not in lowering.kept)
-        details["high_precision_flops_fraction"] = kept_flops / total
+        split = getattr(lowering, "split_share", {})  # INT8: the share of a MatMul's FLOPs split off to float
+
+        def float_share(whole: Iterable[str]) -> float:
+            whole = set(whole)
+            return (sum(flops.get(n, 0.0) for n in whole)
+                    + sum(flops.get(n, 0.0) * s for n, s in split.items() if n not in whole)) / total
+
+        details["high_precision_flops_fraction"] = float_share(lowering.kept)
         # what the fallback and the outlier split keep beyond the precision's fixed exclusions (attention, head,
         # first layer): the cost of making this graph pass
-        beyond = sum(flops.get(n, 0.0) for n in keep) + sum(
-            flops.get(n, 0.0) * share for n, share in getattr(lowering, "split_share", {}).items() if n not in keep)
-        details["beyond_default_flops_fraction"] = beyond / total
+        details["beyond_default_flops_fraction"] = float_share(keep)
 
         with timed("verification run"):
             final = run_final(dst_onnx) if run_final is not None else post(run_onnx(dst_onnx, verify.images))

@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from vpr_edge.engines.graph import insert_after
 from vpr_edge.onnxrt import session as cpu_session
 from vpr_edge.lazy import lazy_import
 
@@ -85,12 +86,7 @@ def write_augmented(model_path: Path, op_types: Sequence[str], channels: dict[st
         outputs.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [k]))
     # each reduction right after its tensor's producer (ORT picks its own execution order: this alone
     # did not lower the ViT-G peak, running one image per call did; see minmax_ranges)
-    nodes = [r for t in model.graph.input if t.name in reducers for r in reducers[t.name]]
-    for node in model.graph.node:
-        nodes.append(node)
-        nodes.extend(r for t in node.output if t in reducers for r in reducers[t])
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    insert_after(model, reducers)
     del model.graph.output[:]
     model.graph.output.extend(outputs)
     aug = model_path.parent / f".{model_path.stem}.calibrate.onnx"

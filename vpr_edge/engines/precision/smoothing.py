@@ -30,7 +30,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from vpr_edge.engines.graph import GraphIndex, tensor_array
+from vpr_edge.engines.graph import GraphIndex, insert_after, tensor_array
 from vpr_edge.errors import ConfigError
 from vpr_edge.lazy import lazy_import
 
@@ -156,9 +156,7 @@ def smooth_(model, absmax: dict[str, np.ndarray], grps: list[Group], opts: Outli
             cap = max(1, int(opts.max_split_fraction * grp.channels))
             over = np.flatnonzero(a > opts.split_ratio * med)
             split[over[np.argsort(-a[over])][:cap]] = True
-        rest = a[~split]
-        spread = float(rest.max() / (np.median(rest) or 1e-12)) if rest.size else 1.0
-        smooth = bool(opts.smooth_ratio) and spread > opts.smooth_ratio and opts.alpha > 0
+        smooth = bool(opts.smooth_ratio) and _spread(a, ~split) > opts.smooth_ratio and opts.alpha > 0
         if not split.any() and not smooth:
             continue
         weights = {mm: tensor_array(inits[idx.nodes[mm].input[1]], weights_dir).astype(np.float32) for mm in grp.matmuls}
@@ -205,27 +203,19 @@ def smooth_(model, absmax: dict[str, np.ndarray], grps: list[Group], opts: Outli
                 rep.split[mm] = int(cols.size)
                 rep.split_nodes[base] = mm
                 rep.split_share[mm] = cols.size / grp.channels
-        rep.ranges[read] = float(np.max(a * np.abs(inv))) if (a * np.abs(inv)).size else 0.0
+        rep.ranges[read] = float(np.max(a * np.abs(inv)))
         rep.smoothed.append({
             "tensor": grp.tensor, "matmuls": grp.matmuls, "how": "layernorm" if ln is not None else "mul",
             "channels_split": int(cols.size), "smoothed": smooth,
-            "spread_before": round(float(a.max() / med), 2),
-            "spread_after": round(float(_spread(a * np.abs(inv), ~split)), 2),
+            "spread_before": round(_spread(a, np.ones_like(split)), 2),
+            "spread_after": round(_spread(a * np.abs(inv), ~split), 2),
         })
-    if not after and not after_node and not rep.smoothed:
-        return rep
     model.graph.initializer.extend(new_inits)
-    nodes = [n for t in model.graph.input if t.name in after for n in after[t.name]]
-    for node in model.graph.node:
-        nodes.append(node)
-        for t in node.output:
-            nodes.extend(after.get(t, []))
-        nodes.extend(after_node.get(node.name, []))
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    insert_after(model, after, after_node)
     return rep
 
 
 def _spread(x: np.ndarray, keep: np.ndarray) -> float:
+    """max / median of the kept channels' max |x| (1 when none is kept)."""
     x = x[keep]
     return float(x.max() / (np.median(x) or 1e-12)) if x.size else 1.0
