@@ -161,6 +161,31 @@ def test_reduced_scan_equals_the_exposed_tensors(toy_path, data, tmp_path, scale
     assert any(i["nonfinite"] for i in flagged.values()) == (scale > 1e30)
 
 
+def test_scan_with_outputs_is_the_scan_and_a_run_of_the_graph(toy_path, data, tmp_path):
+    """One run gives both: what the scan alone flags, and the FP32 graph's outputs (as ORT's optimised session
+    computes them, to float reassociation), for a dynamic and a fixed batch with padding."""
+    from vpr_edge.engines.precision import fp16 as F
+
+    verify, _ = data
+    planted = toy.plant_overflow(toy_path, tmp_path / "planted.onnx", block=1)
+    images = verify.images[:7]
+    got = F.scan_with_outputs(planted, images)
+    alone = F.fp16_overflow_scan(planted, F._scan_batches(planted, images, None)[0])
+    assert got.flagged and got.flagged.keys() == alone.keys() and got.images == 7
+    want = run_onnx(planted, images)
+    assert got.outputs.shape == want.shape
+    np.testing.assert_allclose(got.outputs, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+    fixed = F.scan_with_outputs(planted, images, fixed_batch=3)  # 3 + 3 + 1 (padded) rows
+    np.testing.assert_allclose(fixed.outputs, got.outputs, rtol=1e-5, atol=1e-6)
+    # a lowering handed the scan does not scan again, and refuses a scan of other images
+    small = VerifySet(images, np.arange(4), np.arange(4, 7), None, "corridor, 7 images")
+    res = lower_onnx(planted, tmp_path / "auto.onnx", "fp16", small, prepared=got, accept_fidelity=True)
+    assert res.details["fp16_overflow"].keys() == alone.keys() and "fp16_overflow_scan" in res.details
+    with pytest.raises(ConfigError, match="covers 7 images"):
+        lower_onnx(planted, tmp_path / "x.onnx", "fp16", VerifySet(images[:5], np.arange(2), np.arange(2, 5), None, "5"),
+                   prepared=got, accept_fidelity=True)
+
+
 @pytest.mark.slow
 def test_real_tiny_export_meets_fp16_thresholds(corridor, tmp_path):
     """The exporter's own tiny AnyLoc artifact (random weights, vocabulary fitted on Corridor).
@@ -201,6 +226,10 @@ def test_export_with_float16_io_runs_through_the_runtime(tmp_path, corridor):
                                               accept_fidelity=True, progress=False))
     assert m.details["io_dtype"] == "float16" and m.inputs[0]["dtype"] == "float16"
     assert set(m.verification["fp16"]["reports"]) == {"onnxruntime", "fp16_emulation"}
+    # one run verified the FP32 intermediate and scanned it; the lowering did not scan again
+    assert "overflow scan" in m.verification["run_by"] and m.verification["fp32"]["passed"]
+    assert "fp16_overflow_scan" in m.details and "verifying with ONNX Runtime + FP16 overflow scan" in m.details["timings_s"]
+    assert "ort_graph" not in m.details  # the fused-attention graph is for float artifacts only
     with Describer.from_artifact(out, threads=1) as d:
         desc = d.describe(sorted((corridor / "queries").glob("*.jpg"))[:2])
     assert desc.dtype == np.float32 and np.isfinite(desc).all()

@@ -26,6 +26,11 @@ _PROVIDER_NAMES = {
 }
 
 
+def resolve_providers_name(name: str) -> str:
+    """A short EP name ('cuda', 'tensorrt', 'cpu') as ONNX Runtime spells it; full names pass through."""
+    return _PROVIDER_NAMES.get(name.lower(), name)
+
+
 def resolve_providers(providers: Sequence[str] | None, available: Sequence[str]) -> list[str]:
     """Short names ('cuda', 'tensorrt', 'cpu') or full EP names -> EP list ending with CPU.
 
@@ -35,7 +40,7 @@ def resolve_providers(providers: Sequence[str] | None, available: Sequence[str])
         return ["CPUExecutionProvider"]
     out = []
     for p in providers:
-        name = _PROVIDER_NAMES.get(p.lower(), p)
+        name = resolve_providers_name(p)
         if name not in available:
             raise MissingDependencyError(
                 f"execution provider {name} is not available in this onnxruntime (available: {', '.join(available)}); "

@@ -66,6 +66,7 @@ class BenchConfig:
     progress: bool = True
     preprocess: str | None = None  # 'exact' | 'fast' (None: the artifact's default)
     workers: int | None = None  # preprocessing threads
+    ort_graph: str = "auto"  # ONNX Runtime variants: 'auto' | 'portable' (per variant: NAME@portable=DIR)
 
     def check(self) -> None:
         if not self.batches or min(self.batches) < 1:
@@ -235,7 +236,7 @@ def bench_variant(cfg: BenchConfig, spec: VariantSpec, sub: Subset, ref: dict | 
         t0 = time.perf_counter()
         v: OpenedVariant = open_variant(
             spec, backend=cfg.backend, providers=cfg.providers, threads=cfg.threads, weights=cfg.weights,
-            device=cfg.device, preprocess=cfg.preprocess, workers=cfg.workers,
+            device=cfg.device, preprocess=cfg.preprocess, workers=cfg.workers, ort_graph=cfg.ort_graph,
         )
         load_s = time.perf_counter() - t0
         try:

@@ -42,9 +42,10 @@ def parse_variant(text: str) -> tuple[str, Path]:
 
 
 def variant_options(text: str) -> dict[str, Any]:
-    """Per-variant runtime choice written after the name: NAME@trt=DIR, NAME@ort=DIR, or ONNX Runtime
-    execution providers NAME@cuda=DIR / NAME@tensorrt,cuda=DIR (so CPU and CUDA runs of one
-    artifact sit side by side)."""
+    """Per-variant runtime choice written after the name: NAME@trt=DIR, NAME@ort=DIR, NAME@portable=DIR
+    (ONNX Runtime on the standard-ops graph, not the artifact's fused-attention one), or ONNX Runtime
+    execution providers NAME@cuda=DIR / NAME@tensorrt,cuda=DIR (so CPU and CUDA runs, or both graphs, of
+    one artifact sit side by side)."""
     name, sep, _ = text.partition("=")
     if not sep or "@" not in name:
         return {}
@@ -53,6 +54,8 @@ def variant_options(text: str) -> dict[str, Any]:
         raise ConfigError(f"--variant {text!r}: nothing after '@'; write NAME@cuda=DIR, NAME@trt=DIR or NAME@ort=DIR")
     if choice in ("ort", "trt"):
         return {"backend": choice}
+    if choice == "portable":
+        return {"backend": "ort", "ort_graph": "portable"}
     return {"backend": "ort", "providers": [p.strip() for p in choice.split(",") if p.strip()]}
 
 
@@ -134,6 +137,7 @@ def open_variant(
     device: str = "cpu",
     preprocess: str | None = None,
     workers: int | None = None,
+    ort_graph: str = "auto",
 ) -> OpenedVariant:
     """A Describer for the variant: the artifact on its backend, or (PyTorch variants) the reference rebuilt
     from the artifact's manifest as the runtime's 'torch' backend, fed the same preprocessing."""
@@ -147,12 +151,14 @@ def open_variant(
     backend = spec.options.get("backend", backend)
     providers = spec.options.get("providers", providers)
     d = Describer.from_artifact(spec.path, backend=backend, providers=providers, threads=threads,
-                                preprocess=preprocess, workers=workers)
+                                preprocess=preprocess, workers=workers,
+                                ort_graph=spec.options.get("ort_graph", ort_graph))
     art = d.artifact
     be = d.backend.describe() if hasattr(d.backend, "describe") else {}
     info = {
         "backend": be.get("backend", backend),
         "providers": be.get("providers"),
+        "graph": be.get("graph"),
         "kind": art.kind,
         "precision": art.precision,
         "scope": art.scope,

@@ -201,6 +201,7 @@ def _run_dataset(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         preprocess=args.preprocess,
         workers=args.workers,
+        ort_graph=args.ort_graph,
     )
     cfg.check()
     _set_threads(args.threads, torch_too=args.pytorch is not None)

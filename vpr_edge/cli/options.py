@@ -96,7 +96,7 @@ def add_runtime(p: argparse.ArgumentParser, *, model: str | None = "required", b
     """The lean runtime's options (map build/add/query, bench, doctor): which artifact, which backend.
 
     model: 'required', 'optional' (a map knows the artifact it was built with) or None (no --model)."""
-    from vpr_edge.runtime.backends import names
+    from vpr_edge.runtime.backends import ORT_GRAPHS, names
 
     g = p.add_argument_group(title)
     if model is not None:
@@ -118,6 +118,9 @@ def add_runtime(p: argparse.ArgumentParser, *, model: str | None = "required", b
                    help="ONNX Runtime execution providers, e.g. cuda or tensorrt,cuda (default: CPU)")
     g.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for ONNX Runtime / PyTorch / faiss")
     g.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay the engine as a CUDA graph")
+    g.add_argument("--ort-graph", choices=ORT_GRAPHS, default="auto",
+                   help="ONNX Runtime: auto (default) runs the artifact's fused-attention graph (model.ort.onnx) "
+                        "where it has one, except on the TensorRT EP; portable: the standard-ops model.onnx")
     g.add_argument("--preprocess", choices=("exact", "fast"), default=None,
                    help="exact (default for float-input artifacts): the reference's float resize; fast: JPEG draft "
                         "decoding + uint8 resize, for camera frames (fidelity: benchmarks/results/preprocess); "
@@ -142,6 +145,7 @@ def describer_kwargs(args: argparse.Namespace) -> dict:
         "providers": providers(args),
         "threads": getattr(args, "threads", None),
         "cuda_graph": bool(getattr(args, "cuda_graph", False)),
+        "ort_graph": getattr(args, "ort_graph", None) or "auto",
         "verify": not getattr(args, "no_verify", False),
         "preprocess": getattr(args, "preprocess", None),
         "workers": getattr(args, "workers", None),

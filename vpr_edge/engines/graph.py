@@ -107,6 +107,12 @@ def external_data_files(path: str | Path) -> list[Path]:
     return [Path(path).parent / n for n in sorted(names)]
 
 
+def fixed_batch(path: str | Path) -> int | None:
+    """The static batch size of an ONNX file's first input, None when its batch axis is dynamic."""
+    dims = load(path, load_weights=False).graph.input[0].type.tensor_type.shape.dim
+    return dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+
+
 def is_external(init) -> bool:
     """Whether an initializer's values live in an external-data file (not loaded into the proto)."""
     return init.data_location == onnx_module().TensorProto.EXTERNAL

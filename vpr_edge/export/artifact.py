@@ -4,8 +4,9 @@ Steps (each named for what it makes): the torch half (export.torch_side: verify 
 vocabulary/PCA given or fitted, reference outputs, FP32 ONNX; in a worker process for full-size
 models) -> graph checks -> the artifact run by the lean runtime's own Describer (the path users run on
 the robot: manifest, files, backend, batching, numpy aggregation) vs PyTorch -> optional FP16/INT8
-graph (`engines.precision.lower`), verified the same way -> manifest (`manifest.write_artifact`).
-Everything is written in a temporary folder that replaces the output only when verification passed.
+graph (`engines.precision.lower`), verified the same way -> for float graphs, ONNX Runtime's own copy
+with fused attention (`engines.ort_graph`, checked equal to the portable one) -> manifest
+(`manifest.write_artifact`). Everything is written in a temporary folder that replaces the output only when verification passed.
 """
 
 from __future__ import annotations
@@ -148,13 +149,13 @@ class _Writer:
 
     def __init__(self, tmp: Path, preset: Preset, side, options: ExportOptions, weights: str, seed: int):
         self.tmp, self.preset, self.options = tmp, preset, options
-        self.fitted: dict[str, str] = {}
+        self.files: dict[str, str] = {}  # artifact files beside the graph, name -> manifest role
         if side.vocabulary is not None:
             side.vocabulary.save(tmp / "vocabulary.npz")
-            self.fitted["vocabulary.npz"] = "vocabulary"
+            self.files["vocabulary.npz"] = "vocabulary"
         if side.pca is not None:
             side.pca.save(tmp / "pca.npz")
-            self.fitted["pca.npz"] = "pca"
+            self.files["pca.npz"] = "pca"
         self.space = DescriptorSpace.from_dict(side.space)  # a student declares its teacher's
         self.weights_id = side.weights_id
         self.weights_label = weights if weights in ("random", "random-outliers", "auto") else Path(weights).name
@@ -175,7 +176,7 @@ class _Writer:
 
         g = onnx.load(str(onnx_path), load_external_data=False)
         o = self.options
-        files = {**_onnx_files(onnx_path), **self.fitted}
+        files = {**_onnx_files(onnx_path), **self.files}
         if final:  # anything else the lowering left in the folder travels with the artifact, recorded
             for p in self.tmp.iterdir():
                 if p.is_file() and p.name not in files and p.name != "manifest.json" and not p.name.startswith("."):
@@ -253,7 +254,15 @@ def export_artifact(
         writer = _Writer(tmp, preset, side, options, weights, seed)
         writer.write(onnx_path, "fp32", {"graph": graph_rep}, {}, final=False)
         backbone = options.scope == "backbone"
-        ort_desc, ort_raw = steps.run("verifying with the runtime (ONNX Runtime)", _runtime_outputs, tmp, vs.images, backbone)
+        scan = None
+        if options.precision == "fp16":
+            # the FP32 graph is an intermediate here (the artifact ships the FP16 graph, verified through the
+            # runtime below): one run both verifies it and scans it for FP16 overflow (one network pass less)
+            ort_desc, ort_raw, scan = steps.run("verifying with ONNX Runtime + FP16 overflow scan", _verify_with_scan,
+                                                preset, tmp, onnx_path, vs.images, side)
+        else:
+            ort_desc, ort_raw = steps.run("verifying with the runtime (ONNX Runtime)", _runtime_outputs, tmp, vs.images,
+                                          backbone)
         report = fidelity.compare_descriptors(ref_desc, ort_desc, vs.db_idx, vs.q_idx, vs.positives)
         if backbone:
             raw = fidelity.compare_descriptors(ref_out.reshape(len(ref_out), -1), ort_raw.reshape(len(ort_raw), -1),
@@ -264,7 +273,8 @@ def export_artifact(
         verification: dict[str, Any] = {
             "set": vs.describe(),
             "reference": "PyTorch FP32 eager",
-            "run_by": "the runtime's Describer (ONNX Runtime, CPU)",
+            "run_by": "the runtime's Describer (ONNX Runtime, CPU)" if scan is None else
+            "ONNX Runtime (CPU), the FP32 graph as written, in the FP16 overflow scan's run",
             "fp32": {"report": report, "tolerance": fp32.threshold_record(), "passed": not fails},
         }
         if fails and not options.accept_fidelity:
@@ -274,7 +284,7 @@ def export_artifact(
         final_onnx = onnx_path
         if record.lowering is not None:
             lowered = steps.run(f"lowering to {options.precision} + verifying", _lower, preset, tmp, onnx_path, side,
-                                options, writer, graph_rep)
+                                options, writer, graph_rep, scan)
             verification[options.precision] = {**lowered.verification, "reference": "PyTorch FP32 eager"}
             details.update(lowered.details)
             _remove_graph(onnx_path)
@@ -284,6 +294,9 @@ def export_artifact(
                                                     preset, tmp, final_onnx, vs.images, writer, graph_rep)
             details["input_layout"] = "uint8"
         details["tensorrt_check"] = steps.run("TensorRT compatibility (offline)", _tensorrt_check, final_onnx, options)
+        if record.lowering is None:  # float graphs only (engines.ort_graph)
+            details["ort_graph"] = steps.run("ONNX Runtime graph (fused attention) + checking", _ort_graph, preset,
+                                             final_onnx, vs.images, options.input, writer)
         details.update({"timings_s": steps.times, "peak_rss_gib": steps.peak_rss_gib})
         manifest = writer.write(final_onnx, options.precision, details, verification, final=True)
     return manifest
@@ -295,7 +308,23 @@ def _outlier_options(options: ExportOptions):
     return OFF if options.int8_outliers == "off" else OutlierOptions(alpha=options.smooth_alpha)
 
 
-def _lower(preset: Preset, tmp: Path, fp32_path: Path, side, options: ExportOptions, writer: _Writer, graph_rep: dict):
+def _verify_with_scan(preset: Preset, tmp: Path, onnx_path: Path, images: np.ndarray, side):
+    """(descriptors, raw outputs, `fp16.OverflowScan`) of the FP32 graph on the verify images, from the FP16
+    overflow scan's run; backbone features are aggregated as the runtime does (`runtime.aggregate`)."""
+    from vpr_edge.engines.precision.fp16 import scan_with_outputs
+    from vpr_edge.runtime.aggregate import Aggregation
+
+    scan = scan_with_outputs(onnx_path, images)
+    raw = scan.outputs
+    if raw.ndim == 3:  # backbone scope: per-patch features
+        agg = Aggregation.for_preset(preset, tmp / "vocabulary.npz" if side.vocabulary is not None else None,
+                                     tmp / "pca.npz" if side.pca is not None else None)
+        return np.ascontiguousarray(agg(raw), np.float32), raw, scan
+    return raw, raw, scan
+
+
+def _lower(preset: Preset, tmp: Path, fp32_path: Path, side, options: ExportOptions, writer: _Writer, graph_rep: dict,
+           scan=None):
     """The FP16/INT8 graph of `fp32_path` as tmp/model.onnx, verified against PyTorch FP32 through the
     runtime (`run_final`), with a provisional manifest naming it so the runtime can open the folder."""
     from vpr_edge.engines.precision import calibration as C
@@ -328,6 +357,7 @@ def _lower(preset: Preset, tmp: Path, fp32_path: Path, side, options: ExportOpti
         # INT8's fallback goes on from blocks to single MatMuls (measured on the ViT-S stress model: 3.3% of the
         # MatMul FLOPs kept instead of whole blocks); FP16 keeps blocks (its islands are already node-level)
         refine_nodes=options.precision == "int8",
+        prepared=scan,
     )
     if calib_info:
         res.details["calibration_set"] = calib_info
@@ -341,6 +371,50 @@ def _lower(preset: Preset, tmp: Path, fp32_path: Path, side, options: ExportOpti
 UINT8_TOLERANCE = {"float32": 1e-5, "float16": 2e-3}
 
 
+def _pixels(images: np.ndarray, pre) -> np.ndarray:
+    """Normalised float images [n, 3, H, W] back to the uint8 RGB pixels [n, H, W, 3] they came from."""
+    mean = np.asarray(pre.mean, np.float32)[:, None, None]
+    std = np.asarray(pre.std, np.float32)[:, None, None]
+    return np.clip(np.rint((images * std + mean) * 255.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+ORT_GRAPH_PROBE = 4  # verify images the fused graph is checked on (an exact rewrite: equality, not fidelity)
+
+
+def _ort_graph(preset: Preset, onnx_path: Path, images: np.ndarray, input_layout: str, writer: _Writer) -> dict:
+    """The ONNX-Runtime-only graph with fused attention (`engines.ort_graph`), checked against the portable
+    graph on the first verify images to the FP32 gate's relative error; listed in the manifest only when it
+    passes (otherwise removed, with a warning: the portable graph is verified and serves ONNX Runtime too)."""
+    from vpr_edge.engines.ort_graph import ORT_GRAPH_NAME, write_ort_graph
+    from vpr_edge.batching import run_batched
+    from vpr_edge.onnxrt import fixed_batch, session
+
+    rep = write_ort_graph(onnx_path)
+    if not rep["attention"]:
+        return rep
+    fused = onnx_path.parent / ORT_GRAPH_NAME
+    probe = images[:ORT_GRAPH_PROBE]
+    x = np.ascontiguousarray(_pixels(probe, preset.preprocess) if input_layout == "uint8" else probe)
+
+    def outputs(path: Path) -> np.ndarray:
+        s = session(path, prepack=False)
+        name = s.get_inputs()[0].name
+        return run_batched(lambda b: s.run(None, {name: b})[0], x, batch=len(x), fixed=fixed_batch(s)).astype(np.float32)
+
+    want, got = outputs(onnx_path), outputs(fused)
+    err = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-12)) if np.isfinite(got).all() else float("inf")
+    bound = next(t.bound for t in table.get("fp32").thresholds if t.metric == "rel_err")
+    rep["check"] = {"compared_with": f"model.onnx in ONNX Runtime on {len(x)} verify images", "rel_err": err,
+                    "tolerance": bound, "passed": err <= bound}
+    if err <= bound:
+        writer.files[ORT_GRAPH_NAME] = "onnx-ort"
+    else:
+        fused.unlink()
+        rep.update(file=None, reason=f"differs from the portable graph (relative error {err:.2e} > {bound}); not shipped")
+        log.warning("%s: %s", onnx_path.parent.name, rep["reason"])
+    return rep
+
+
 def _uint8_input(preset: Preset, tmp: Path, onnx_path: Path, images: np.ndarray, writer: _Writer, graph_rep: dict) -> dict:
     """Make the verified graph take uint8 [B, H, W, 3] and check it equals the float graph fed numpy's
     normalisation (`imaging.fast.normalize`) of the same pixels: the verify images, quantised to uint8."""
@@ -348,9 +422,7 @@ def _uint8_input(preset: Preset, tmp: Path, onnx_path: Path, images: np.ndarray,
     from vpr_edge.imaging.fast import normalize
 
     pre = preset.preprocess
-    mean = np.asarray(pre.mean, np.float32)[:, None, None]
-    std = np.asarray(pre.std, np.float32)[:, None, None]
-    pixels = np.clip(np.rint((images * std + mean) * 255.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    pixels = _pixels(images, pre)
     _, want = _runtime_outputs(tmp, normalize(pixels, pre), raw=True)
     add_uint8_input(onnx_path, pre)
     writer.write(onnx_path, writer.precision, {"graph": graph_rep, "input_layout": "uint8"}, {}, final=False)

@@ -47,6 +47,8 @@ class BackendOptions:
     providers: tuple[str, ...] | None = None  # ort: execution providers ('cuda', 'tensorrt', ...)
     threads: int | None = None  # ort/torch: CPU threads
     prepack: bool = True  # ort: prepack weights (False: ~1x the weights resident, for verification runs)
+    ort_graph: str = "auto"  # ort: 'auto' (the artifact's fused-attention graph where it has one, not on the
+    # TensorRT EP) or 'portable' (the standard-ops model.onnx TensorRT builds from)
     cuda_graph: bool = False  # trt: replay the engine as a CUDA graph
     device: int | str = 0  # trt: CUDA device index; torch: 'cpu', 'cuda', 'cuda:1'
     environment: dict | None = None  # trt: the machine description (default: detected)
@@ -61,6 +63,9 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "torch": ("vpr_edge.models.torch_backend", "TorchBackend"),
 }
 DEFAULT_FOR_KIND = {"onnx": "ort", "engine": "trt"}
+
+
+ORT_GRAPHS = ("auto", "portable")
 
 
 def names() -> tuple[str, ...]:

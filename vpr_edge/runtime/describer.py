@@ -137,16 +137,19 @@ class Describer:
         preprocess: str | None = None,
         channels: str = "rgb",
         workers: int | None = None,
+        ort_graph: str = "auto",
     ) -> "Describer":
         """`verify=False` skips the file hashes (sizes are still checked); `options` overrides the
         individual backend arguments; `preprocess` 'exact' | 'fast' (default: exact, fast for uint8-input
-        artifacts); `channels` of camera arrays ('rgb' | 'bgr'); `workers` preprocessing threads."""
+        artifacts); `channels` of camera arrays ('rgb' | 'bgr'); `workers` preprocessing threads; `ort_graph`
+        'auto' | 'portable' (`BackendOptions.ort_graph`)."""
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
         art = load_artifact(path, verify=verify)
         check_precision(art)
         opts = options or BackendOptions(
-            providers=tuple(providers) if providers else None, threads=threads, cuda_graph=cuda_graph, device=device
+            providers=tuple(providers) if providers else None, threads=threads, cuda_graph=cuda_graph, device=device,
+            ort_graph=ort_graph,
         )
         be = open_backend(art, backend, opts)
         try:

@@ -1,6 +1,9 @@
 """ONNX Runtime backend: CPU by default, CUDA / TensorRT execution providers when asked for.
 
-Sessions come from the one builder, `vpr_edge.onnxrt.session`."""
+Sessions come from the one builder, `vpr_edge.onnxrt.session`. A float artifact may carry a second graph
+for ONNX Runtime only (`model.ort.onnx`, role `onnx-ort`: each attention one contrib `Attention` node,
+checked against the portable graph at export; `vpr_edge.engines.ort_graph`); it is run unless the caller
+asks for the portable graph or the TensorRT EP, which takes standard ops."""
 
 from __future__ import annotations
 
@@ -14,6 +17,20 @@ from vpr_edge.errors import ArtifactError, ConfigError
 from vpr_edge.lazy import lazy_import
 
 resolve_providers = onnxrt.resolve_providers  # the runtime's public name for it
+
+
+def graph_for(art: Any, options) -> Path:
+    """The graph file ONNX Runtime runs for `art` under `options` (`BackendOptions.ort_graph`)."""
+    from vpr_edge.runtime.backends import ORT_GRAPHS
+
+    choice = getattr(options, "ort_graph", "auto")
+    if choice not in ORT_GRAPHS:
+        raise ConfigError(f"--ort-graph must be one of {', '.join(ORT_GRAPHS)}, got {choice!r}")
+    fused = art.file("onnx-ort", required=False)
+    eps = [onnxrt.resolve_providers_name(p) for p in (options.providers or ())]
+    if fused is None or choice == "portable" or "TensorrtExecutionProvider" in eps:
+        return art.file("onnx")
+    return fused
 
 
 class OrtBackend:
@@ -34,6 +51,7 @@ class OrtBackend:
         if io_dtype not in ("float16", "float32"):
             raise ConfigError(f"io_dtype must be float16 or float32, got {io_dtype!r}")
         self.path = Path(model_path)
+        self.graph = "portable"
         self.providers = onnxrt.resolve_providers(providers, ort.get_available_providers())
         self.session = onnxrt.session(self.path, providers=self.providers, threads=threads, prepack=prepack)
         inputs = self.session.get_inputs()
@@ -58,8 +76,10 @@ class OrtBackend:
 
     @classmethod
     def for_artifact(cls, art: Any, options) -> "OrtBackend":
-        return cls(art.file("onnx"), providers=options.providers, threads=options.threads, io_dtype=art.io_dtype,
-                   prepack=options.prepack)
+        be = cls(graph_for(art, options), providers=options.providers, threads=options.threads,
+                 io_dtype=art.io_dtype, prepack=options.prepack)
+        be.graph = "fused attention" if be.path.name != art.file("onnx").name else "portable"
+        return be
 
     def run(self, images: np.ndarray) -> np.ndarray:
         if self.session is None:
@@ -78,4 +98,4 @@ class OrtBackend:
         self.close()
 
     def describe(self) -> dict:
-        return {"backend": "ort", "providers": list(self.providers), "model": str(self.path)}
+        return {"backend": "ort", "providers": list(self.providers), "model": str(self.path), "graph": self.graph}

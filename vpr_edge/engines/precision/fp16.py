@@ -432,9 +432,10 @@ def _scan_candidates(model, keep: set[str]) -> list[str]:
     return out
 
 
-def _scan_graph(model, candidates: list[str]):
+def _scan_graph(model, candidates: list[str], keep_outputs: bool = False):
     """A copy of the graph that reduces every candidate tensor inside the graph to two scalars: max |t|
-    and sum(t * 0), which is NaN exactly when t holds a non-finite value; (graph, [(t, max, nan probe)])."""
+    and sum(t * 0), which is NaN exactly when t holds a non-finite value; (graph, [(t, max, nan probe)]).
+    keep_outputs: the graph's own outputs stay, first (so the scan's run is also a run of the graph)."""
     onnx = lazy_import("onnx")
     helper = onnx.helper
     probe = type(model)()
@@ -455,29 +456,35 @@ def _scan_graph(model, candidates: list[str]):
         ]
         outs.append((t, m, s))
     G.insert_after(probe, reductions)
-    del probe.graph.output[:]
+    if not keep_outputs:
+        del probe.graph.output[:]
     for _, m, s in outs:
         probe.graph.output.extend([helper.make_tensor_value_info(m, G.FLOAT, []),
                                    helper.make_tensor_value_info(s, G.FLOAT, [])])
     return probe, outs
 
 
-def _reduced_scan(model, candidates: list[str], batches: list[np.ndarray], weights_dir: Path | None):
+def _reduced_scan(model, candidates: list[str], batches: list[np.ndarray], weights_dir: Path | None,
+                  outputs: list | None = None):
     """max |t| of every candidate over `batches` and the tensors holding non-finite values, in one run
     per batch of `_scan_graph`. Only scalars leave the session, so every tensor is scanned in one pass
     (exposing the tensors themselves took ~2 GB per ViT-G image, hence several passes, each loading
-    the weights again)."""
+    the weights again). `outputs`: a list that receives the graph's first output of each batch."""
     from vpr_edge.onnxrt import session
 
-    probe, outs = _scan_graph(model, candidates)
+    probe, outs = _scan_graph(model, candidates, keep_outputs=outputs is not None)
     # the graph as written (no fusions), so every reduced tensor is the one the FP16 graph will hold
     sess = session(probe, optimize=False, prepack=False, weights_dir=weights_dir, written_order=True)
     input_name = model.graph.input[0].name
     names = [n for _, m, s in outs for n in (m, s)]
+    first = [model.graph.output[0].name] if outputs is not None else []
     max_abs = dict.fromkeys(candidates, 0.0)
     suspect: set[str] = set()
     for batch in batches:
-        values = dict(zip(names, sess.run(names, {input_name: batch})))
+        got = sess.run(first + names, {input_name: batch})
+        if outputs is not None:
+            outputs.append(np.asarray(got[0], dtype=np.float32))
+        values = dict(zip(names, got[len(first):]))
         for t, m, s in outs:
             mv, sv = float(values[m]), float(values[s])
             if not (np.isfinite(mv) and np.isfinite(sv)):
@@ -520,13 +527,15 @@ def fp16_overflow_scan(
     *,
     keep_fp32: Iterable[str] | None = None,
     threshold: float = OVERFLOW_FRACTION * FP16_MAX,
+    outputs: list | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run the FP32 graph once per input batch and return the tensors that would be FP16 and exceed
     `threshold` or are non-finite: tensor -> {producer, consumers, max_abs, nonfinite}.
 
     keep_fp32: nodes that stay FP32 anyway (default: the default islands); a tensor produced and
     consumed only by them is never FP16 and is not flagged. Memory is the graph's own activations
-    at the batch size given (the statistics are reduced inside the graph)."""
+    at the batch size given (the statistics are reduced inside the graph). `outputs`: a list that
+    receives the graph's first output per batch, from the same run (`scan_with_outputs`)."""
     external = G.external_data_files(fp32_onnx)
     weights_dir = Path(fp32_onnx).parent if external else None
     model = G.load(fp32_onnx, load_weights=not external)
@@ -536,7 +545,7 @@ def fp16_overflow_scan(
     batches = [np.ascontiguousarray(b, dtype=np.float32) for b in inputs]
     if not batches:
         raise ConfigError("fp16 overflow scan needs at least one input batch")
-    max_abs, suspect = _reduced_scan(model, candidates, batches, weights_dir)
+    max_abs, suspect = _reduced_scan(model, candidates, batches, weights_dir, outputs)
     stats = {t: {"max_abs": v, "nonfinite": 0} for t, v in max_abs.items() if t not in suspect}
     if suspect:
         stats.update(_exposed_stats(model, sorted(suspect), batches, weights_dir))
@@ -545,6 +554,37 @@ def fp16_overflow_scan(
         if s["nonfinite"] or s["max_abs"] > threshold:
             flagged[t] = {**s, "producer": idx.producer.get(t), "consumers": list(idx.consumers.get(t, []))}
     return flagged
+
+
+def _scan_batches(fp32_onnx: Path, images: np.ndarray, fixed_batch: int | None) -> tuple[list[np.ndarray], list[int]]:
+    """The scan's input batches, `scan_batch` images each (padded to a fixed batch), and their real rows."""
+    from vpr_edge.batching import chunks, pad_to
+
+    # the scan reduces every tensor inside the graph: memory is the activations of SCAN_BATCH images
+    parts = [images[s] for s in chunks(len(images), fixed_batch or scan_batch(fp32_onnx))]
+    return [pad_to(p, fixed_batch) if fixed_batch else p for p in parts], [len(p) for p in parts]
+
+
+@dataclass
+class OverflowScan:
+    """An overflow scan's result (`fp16_overflow_scan`) with the FP32 graph's outputs from the same run."""
+
+    flagged: dict[str, dict[str, Any]]
+    outputs: np.ndarray  # first graph output for each image scanned, in order
+    images: int
+
+
+def scan_with_outputs(fp32_onnx: str | Path, images: np.ndarray, fixed_batch: int | None = None) -> OverflowScan:
+    """The FP16 overflow scan of `images` whose run also returns the FP32 graph's outputs, so an export
+    verifies its FP32 graph and scans it in one pass of the network (ViT-G: ~100 s per pass of 16 images
+    here) instead of two. The graph runs as written (no ORT fusions): outputs equal the optimised
+    session's to float reassociation."""
+    fp32_onnx = Path(fp32_onnx)
+    outs: list[np.ndarray] = []
+    batches, rows = _scan_batches(fp32_onnx, images, G.fixed_batch(fp32_onnx) if fixed_batch is None else fixed_batch)
+    flagged = fp16_overflow_scan(fp32_onnx, batches, outputs=outs)
+    return OverflowScan(flagged=flagged, outputs=np.concatenate([o[:n] for o, n in zip(outs, rows)]),
+                        images=len(images))
 
 
 def find_fp16_overflow(fp32_onnx: str | Path, inputs: Iterable[np.ndarray], **kwargs: Any) -> set[str]:
@@ -569,8 +609,9 @@ class Fp16Lowering:
     candidate_ops: tuple[str, ...] | None = None  # fallback refinement may keep any node
 
     def __init__(self, fp32_onnx: Path, verify, *, io_dtype="float32", overflow_guard: bool = True,
-                 calibration: np.ndarray | None = None, **_: Any):
+                 calibration: np.ndarray | None = None, prepared: OverflowScan | None = None, **_: Any):
         self.src = Path(fp32_onnx)
+        self.prepared = prepared  # the scan already run with the export's FP32 verification
         self.verify = verify
         self.io_dtype = io_dtype
         self.overflow_guard = overflow_guard
@@ -581,15 +622,16 @@ class Fp16Lowering:
         self.kept: set[str] = set()
 
     def prepare(self, fixed_batch: int | None) -> None:
-        from vpr_edge.batching import chunks, pad_to
-
         if not self.overflow_guard:
             return
-        # the scan reduces every tensor inside the graph: memory is the activations of SCAN_BATCH images
-        size = fixed_batch or scan_batch(self.src)
-        batches = [pad_to(self.probe[s], fixed_batch) if fixed_batch else self.probe[s]
-                   for s in chunks(len(self.probe), size)]
-        flagged = fp16_overflow_scan(self.src, batches)
+        if self.prepared is not None:
+            if self.prepared.images != len(self.probe):
+                raise ConfigError(f"the overflow scan given covers {self.prepared.images} images, the lowering probes "
+                                  f"{len(self.probe)}; scan the same images (verify + calibration)")
+            flagged = self.prepared.flagged
+            self.details["fp16_overflow_scan"] = "run once with the FP32 verification (scan_with_outputs)"
+        else:
+            flagged = fp16_overflow_scan(self.src, _scan_batches(self.src, self.probe, fixed_batch)[0])
         for t, info in flagged.items():
             for n in [info["producer"], *info["consumers"]]:
                 if n:

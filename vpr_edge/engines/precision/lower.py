@@ -55,12 +55,6 @@ class LowerResult:
         return bool(self.verification.get("passed"))
 
 
-def _fixed_batch(onnx_path: Path) -> int | None:
-    model = G.load(onnx_path, load_weights=False)
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    return dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
-
-
 def _worst(reports: Iterable[dict[str, Any]]) -> dict[str, Any]:
     reports = list(reports)
     worst = dict(reports[0])
@@ -93,6 +87,7 @@ def lower_onnx(
     accept_fidelity: bool = False,
     max_evals: int = 48,
     outliers: Any = None,
+    prepared: Any = None,
 ) -> LowerResult:
     """Write the `precision` graph of `fp32_onnx` to `dst_onnx` and verify it.
 
@@ -100,7 +95,8 @@ def lower_onnx(
     outputs (e.g. backbone features) to descriptors before comparison. run_final(path) -> descriptors of
     verify.images through the path users run (default: ORT + to_descriptors). calibration: INT8
     calibration images [n, 3, H, W] (default: the verify images, with a warning). outliers: INT8's
-    `smoothing.OutlierOptions` (default: the lowering's own). Raises FidelityError
+    `smoothing.OutlierOptions` (default: the lowering's own). prepared: what the lowering's prepare step
+    would compute, already computed by the caller (FP16: `fp16.scan_with_outputs`). Raises FidelityError
     outside the record's gate unless accept_fidelity, which is then recorded."""
     from vpr_edge.engines.precision.emulate import save_fp16_emulation
     from vpr_edge.engines.precision.fallback import fallback_search
@@ -124,6 +120,7 @@ def lower_onnx(
         fp32_onnx, verify, io_dtype=io_dtype, overflow_guard=overflow_guard, calibration=calibration,
         calibration_method=calibration_method, calibration_source=calibration_source, work=work,
         **({"outliers": outliers} if outliers is not None else {}),
+        **({"prepared": prepared} if prepared is not None else {}),
     )
     details: dict[str, Any] = {"precision": precision}
     timings: dict[str, float] = {}
@@ -153,7 +150,7 @@ def lower_onnx(
 
     try:
         with timed(lowering.prepare_step):
-            lowering.prepare(_fixed_batch(fp32_onnx))
+            lowering.prepare(G.fixed_batch(fp32_onnx))
 
         def build(keep: frozenset[str]) -> Path:
             tag = hashlib.sha1("\n".join(sorted(keep)).encode()).hexdigest()[:10]

@@ -1,0 +1,107 @@
+"""The ONNX-Runtime-only graph (engines.ort_graph): attention fused into contrib Attention nodes, equal to the
+portable graph, sharing its weights, chosen by the runtime except where standard ops are needed."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from vpr_edge import presets
+from vpr_edge.artifact import load_artifact
+from vpr_edge.engines import graph
+from vpr_edge.engines import ort_graph as OG
+from vpr_edge.export.artifact import ExportOptions, export_artifact
+from vpr_edge.runtime.backends import BackendOptions
+from vpr_edge.runtime.describer import Describer
+from vpr_edge.runtime.ort_backend import graph_for
+
+
+@pytest.fixture(scope="module")
+def art(corridor, tmp_path_factory):
+    """A tiny ViT-G-architecture (SwiGLU) FP32 artifact."""
+    out = tmp_path_factory.mktemp("ortg") / "art"
+    export_artifact(presets.get("anyloc-dinov2").tiny(), out, options=ExportOptions(verify=corridor, verify_limit=12,
+                                                                                     progress=False))
+    return out
+
+
+def _images(corridor, n=6):
+    return sorted((corridor / "database").iterdir())[:n]
+
+
+def test_fused_graph_is_listed_shares_weights_and_replaces_every_attention(art):
+    a = load_artifact(art)
+    fused, portable = a.file("onnx-ort"), a.file("onnx")
+    assert fused.name == OG.ORT_GRAPH_NAME
+    rep = a.manifest.details["ort_graph"]
+    blocks = a.manifest.details["graph"]["blocks"]
+    assert rep["attention"] == len(blocks) > 0 and rep["check"]["passed"] and rep["check"]["rel_err"] <= 1e-4
+    f, p = graph.load(fused, load_weights=False), graph.load(portable, load_weights=False)
+    ops_f, ops_p = graph.op_counts(f), graph.op_counts(p)
+    assert ops_f["Attention"] == len(blocks) and ops_f.get("Softmax", 0) == ops_p["Softmax"] - len(blocks)
+    # one weights file for both graphs; the second graph takes no initializer the portable one lacks
+    assert graph.external_data_files(fused) == graph.external_data_files(portable) == [art / "model.onnx.data"]
+    assert {i.name for i in f.graph.initializer} <= {i.name for i in p.graph.initializer}
+    assert fused.stat().st_size < 0.5 * (art / "model.onnx.data").stat().st_size
+
+
+def test_runtime_runs_fused_graph_by_default_and_both_agree(art, corridor):
+    imgs = _images(corridor)
+    with Describer.from_artifact(art) as d:
+        assert d.backend.describe()["graph"] == "fused attention" and d.backend.path.name == OG.ORT_GRAPH_NAME
+        got = d.describe(imgs, batch=3)
+    with Describer.from_artifact(art, ort_graph="portable") as d:
+        assert d.backend.describe()["graph"] == "portable" and d.backend.path.name == "model.onnx"
+        want = d.describe(imgs, batch=3)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_tensorrt_ep_and_portable_choice_take_the_standard_graph(art):
+    a = load_artifact(art)
+    assert graph_for(a, BackendOptions()).name == OG.ORT_GRAPH_NAME
+    assert graph_for(a, BackendOptions(providers=("cuda",))).name == OG.ORT_GRAPH_NAME
+    for opts in (BackendOptions(ort_graph="portable"), BackendOptions(providers=("tensorrt", "cuda")),
+                 BackendOptions(providers=("TensorrtExecutionProvider",))):
+        assert graph_for(a, opts).name == "model.onnx"
+    from vpr_edge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--ort-graph"):
+        graph_for(a, BackendOptions(ort_graph="fast"))
+    # an artifact without the second graph (older exports, FP16/INT8) runs its model.onnx
+    plain = SimpleNamespace(file=lambda role, required=True: None if role == "onnx-ort" else art / "model.onnx")
+    assert graph_for(plain, BackendOptions()).name == "model.onnx"
+
+
+def test_a_fused_graph_that_differs_is_not_shipped(corridor, tmp_path, monkeypatch):
+    real = OG._Match.attention
+
+    def wrong_scale(self, softmax):
+        found = real(self, softmax)
+        return None if found is None else (*found[:3], found[3] * 1.5)
+
+    monkeypatch.setattr(OG._Match, "attention", wrong_scale)
+    out = tmp_path / "art"
+    m = export_artifact(presets.get("anyloc-dinov2-vits14").tiny(), out,
+                        options=ExportOptions(verify=corridor, verify_limit=12, progress=False))
+    rep = m.details["ort_graph"]
+    assert rep["check"]["passed"] is False and rep["file"] is None and "not shipped" in rep["reason"]
+    assert not (out / OG.ORT_GRAPH_NAME).exists() and OG.ORT_GRAPH_NAME not in m.files
+    with Describer.from_artifact(out) as d:
+        assert d.backend.describe()["graph"] == "portable"
+
+
+def test_fp16_graphs_get_no_second_graph(art, tmp_path):
+    from vpr_edge.engines.precision.fp16 import fp16_from_onnx
+
+    dst = tmp_path / "fp16.onnx"
+    fp16_from_onnx(art / "model.onnx", dst)
+    rep = OG.write_ort_graph(dst)
+    assert rep["attention"] == 0 and "FP16" in rep["reason"] and not (tmp_path / OG.ORT_GRAPH_NAME).exists()
+
+
+def test_bench_variant_can_ask_for_the_portable_graph():
+    from vpr_edge.benchmarks.variants import variant_options
+
+    assert variant_options("plain@portable=/a") == {"backend": "ort", "ort_graph": "portable"}
