@@ -273,3 +273,27 @@ def test_big_graph_paths_stream_weights_and_equal_the_in_memory_ones(toy_path, d
     same(tmp_path / "inline" / "emu.onnx", tmp_path / "ext" / "emu.onnx")
     images = verify.images[:4]
     assert np.array_equal(run_onnx(tmp_path / "inline" / "emu.onnx", images), run_onnx(tmp_path / "ext" / "emu.onnx", images))
+
+
+def test_fast_float16_cast_is_the_converters_bit_for_bit():
+    """`to_float16` (the streamed FP16 conversion's cast) equals onnxconverter-common's convert_np_to_float16,
+    at the clipping edges, NaN/inf, zeros and across chunk boundaries."""
+    import warnings
+
+    from onnxconverter_common.float16 import convert_np_to_float16
+
+    from vpr_edge.engines.precision.fp16 import FP16_MAX, MIN_POSITIVE, to_float16
+
+    lo, hi = np.float32(MIN_POSITIVE), np.float32(FP16_MAX)
+    edges = [0.0, -0.0, lo, -lo, np.nextafter(lo, 0), np.nextafter(lo, 1), 1e-9, -1e-9, 5e-8, 6e-8, hi, -hi,
+             np.nextafter(hi, np.inf), 65519.0, 65520.0, 7e4, -7e4, 3e38, np.inf, -np.inf, np.nan, 1.0, -2.5, 6.1e-5]
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.asarray(edges, np.float32), (rng.standard_normal(3000) * 10.0 ** rng.integers(-9, 6, 3000))
+                        .astype(np.float32)])
+    for arr in (x, x.reshape(-1, 8), np.asarray(edges, np.float32)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = convert_np_to_float16(arr, min_positive_val=1e-7, max_finite_val=FP16_MAX)
+        got = to_float16(arr, chunk=1000)
+        assert got.dtype == np.float16 and got.shape == arr.shape
+        assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
