@@ -9,9 +9,9 @@ measured). The portable `model.onnx` keeps standard ops for TensorRT; `model.ort
       -> Softmax -> @ v -> Transpose -> Reshape [B, S, D]
 
 by `Attention(x, W_qkv, b_qkv, num_heads=H, scale=c*c)`, whose CPU/CUDA kernels do the projection, the
-head split and the softmax in one pass. Measured on ViT-S/14 FP32, 2 threads: 8-13% less time per image
-(batch 1 and 8); fusing Add + LayerNorm into SkipLayerNormalization as well measured no faster (noise
-level), so it is not done. Only float graphs: the CPU kernel has no FP16 form, and INT8 graphs quantise
+head split and the softmax in one pass. Measured (benchmarks/ort_graphs.py, 2 threads, FP32): 1.01-1.11x
+the portable graph's speed on ViT-S/14, ViT-B/14 at 322 px and ViT-S/8 at 3025 tokens; fusing Add +
+LayerNorm into SkipLayerNormalization as well measured no faster (noise level), so it is not done. Only float graphs: the CPU kernel has no FP16 form, and INT8 graphs quantise
 the qkv projection (no float weight to hand over).
 
 Both graphs read the same weights: `model.ort.onnx` takes no initializer the portable graph lacks, and
@@ -53,15 +53,13 @@ def _attr(node, name: str, default=None):
 
 
 class _Match:
-    """One attention block of the dynamo export, read back from its Softmax."""
+    """One attention block of the dynamo export, read back from its Softmax (on `graph.GraphIndex`)."""
 
     def __init__(self, model):
         self.model = model
-        self.producer = {o: n for n in model.graph.node for o in n.output}
-        self.consumers: dict[str, list] = {}
-        for n in model.graph.node:
-            for t in n.input:
-                self.consumers.setdefault(t, []).append(n)
+        self.idx = G.GraphIndex.of(model)
+        # tensor -> producing node, as `_constant` reads Constant nodes
+        self.producer = {t: self.idx.nodes[n] for t, n in self.idx.producer.items()}
         self.inits = {i.name: i for i in model.graph.initializer}
 
     def up(self, tensor: str, *ops: str):
@@ -69,8 +67,9 @@ class _Match:
         return node if node is not None and node.op_type in ops else None
 
     def only_down(self, tensor: str, op: str):
-        users = self.consumers.get(tensor, [])
-        return users[0] if len(users) == 1 and users[0].op_type == op else None
+        users = self.idx.consumers.get(tensor, [])
+        node = self.idx.nodes[users[0]] if len(users) == 1 else None
+        return node if node is not None and node.op_type == op else None
 
     def scalar(self, tensor: str) -> float | None:
         arr = _constant(self.model, self.producer, self.inits, tensor)

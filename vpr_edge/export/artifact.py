@@ -312,15 +312,20 @@ def _verify_with_scan(preset: Preset, tmp: Path, onnx_path: Path, images: np.nda
     """(descriptors, raw outputs, `fp16.OverflowScan`) of the FP32 graph on the verify images, from the FP16
     overflow scan's run; backbone features are aggregated as the runtime does (`runtime.aggregate`)."""
     from vpr_edge.engines.precision.fp16 import scan_with_outputs
-    from vpr_edge.runtime.aggregate import Aggregation
 
     scan = scan_with_outputs(onnx_path, images)
     raw = scan.outputs
     if raw.ndim == 3:  # backbone scope: per-patch features
-        agg = Aggregation.for_preset(preset, tmp / "vocabulary.npz" if side.vocabulary is not None else None,
-                                     tmp / "pca.npz" if side.pca is not None else None)
-        return np.ascontiguousarray(agg(raw), np.float32), raw, scan
+        return np.ascontiguousarray(_aggregation(preset, tmp, side)(raw), np.float32), raw, scan
     return raw, raw, scan
+
+
+def _aggregation(preset: Preset, tmp: Path, side):
+    """The runtime's numpy aggregation of backbone features, with the artifact's vocabulary/PCA files."""
+    from vpr_edge.runtime.aggregate import Aggregation
+
+    return Aggregation.for_preset(preset, tmp / "vocabulary.npz" if side.vocabulary is not None else None,
+                                  tmp / "pca.npz" if side.pca is not None else None)
 
 
 def _lower(preset: Preset, tmp: Path, fp32_path: Path, side, options: ExportOptions, writer: _Writer, graph_rep: dict,
@@ -337,12 +342,8 @@ def _lower(preset: Preset, tmp: Path, fp32_path: Path, side, options: ExportOpti
             options.calibration, preset.preprocess, limit=options.calibration_limit, progress=options.progress
         )
         calib_source = str(options.calibration)
-    to_desc = None
-    if options.scope == "backbone":  # search candidates are judged on descriptors, aggregated as the runtime does
-        from vpr_edge.runtime.aggregate import Aggregation
-
-        to_desc = Aggregation.for_preset(preset, tmp / "vocabulary.npz" if side.vocabulary is not None else None,
-                                         tmp / "pca.npz" if side.pca is not None else None)
+    # backbone scope: search candidates are judged on descriptors, aggregated as the runtime does
+    to_desc = _aggregation(preset, tmp, side) if options.scope == "backbone" else None
 
     def run_final(path: Path) -> np.ndarray:
         writer.write(path, options.precision, {"graph": graph_rep}, {}, final=False)

@@ -15,14 +15,13 @@ import numpy as np
 from vpr_edge import onnxrt
 from vpr_edge.errors import ArtifactError, ConfigError
 from vpr_edge.lazy import lazy_import
+from vpr_edge.runtime.backends import ORT_GRAPHS
 
 resolve_providers = onnxrt.resolve_providers  # the runtime's public name for it
 
 
 def graph_for(art: Any, options) -> Path:
     """The graph file ONNX Runtime runs for `art` under `options` (`BackendOptions.ort_graph`)."""
-    from vpr_edge.runtime.backends import ORT_GRAPHS
-
     choice = getattr(options, "ort_graph", "auto")
     if choice not in ORT_GRAPHS:
         raise ConfigError(f"--ort-graph must be one of {', '.join(ORT_GRAPHS)}, got {choice!r}")
