@@ -5,10 +5,12 @@ For each preset: `vpr-export --precision fp32` (random weights, verified on Corr
 already holds an artifact), then, in one process, three backends of that one artifact fed the same
 preprocessed Corridor images: `ort` (the runtime's default: model.ort.onnx where the export wrote one),
 `portable` (`--ort-graph portable`: the standard-ops model.onnx TensorRT builds from) and `pytorch-fp32` (the
-reference rebuilt from the manifest, the runtime's torch backend), each on the same threads. Timing is
+reference rebuilt from the manifest, the runtime's torch backend), plus the fused form the export did not
+ship (`ort-Attention` beside a MultiHeadAttention graph, written next to the weights for the run and removed
+after), each on the same threads. Timing is
 interleaved: every round runs each backend once on the same batch, in a random order, after a pause that lets the previous
 backend's spinning threads go idle, so the machine's drift (this VM's neighbours moved one variant's
-sequential bench timing by 1.5x within minutes) falls on all three alike; the per-image p50 over rounds
+sequential bench timing by 1.5x within minutes) falls on all alike; the per-image p50 over rounds
 and the ratio of the p50s are reported. Writes <output>/summary.{json,md,png} and commands.txt.
 
     python benchmarks/ort_graphs.py --output benchmarks/results/ort_graphs \
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -45,14 +48,23 @@ def run(cmd: list[str], log: list[str]) -> None:
 
 def interleaved(art: Path, batches: list[int], rounds: int, threads: int, images: int, pause: float) -> dict:
     """p50 ms per image of each variant at each batch, timed round-robin (see the module docstring)."""
+    from vpr_edge.engines.ort_graph import OPS, write_ort_graph
     from vpr_edge.runtime.backends import BackendOptions
     from vpr_edge.runtime.describer import Describer
+    from vpr_edge.runtime.ort_backend import OrtBackend
 
     opened = {
         "pytorch-fp32": Describer.from_artifact(art, backend="torch", options=BackendOptions(threads=threads)),
         "portable": Describer.from_artifact(art, threads=threads, ort_graph="portable"),
         "ort": Describer.from_artifact(art, threads=threads),
     }
+    other = None
+    if opened["ort"].backend.graph != "portable":  # the other fused form, beside the artifact's weights file
+        shipped = json.loads((art / "manifest.json").read_text())["details"]["ort_graph"].get("op", "Attention")
+        op = next(o for o in OPS if o != shipped)
+        other = art / f".bench-{op}.onnx"
+        write_ort_graph(art / "model.onnx", op=op, name=other.name)
+        opened[f"ort-{op}"] = SimpleNamespace(backend=OrtBackend(other, threads=threads), close=lambda: None)
     try:
         paths = sorted((CORRIDOR / "database").iterdir())[:images]
         d = opened["ort"]
@@ -83,11 +95,16 @@ def interleaved(art: Path, batches: list[int], rounds: int, threads: int, images
                 "ort_vs_pytorch_per_round_median": round(float(np.median(
                     np.asarray(times["pytorch-fp32"]) / np.asarray(times["ort"]))), 3),
             }
+            for k in opened:
+                if k.startswith("ort-"):  # the form not shipped, against the shipped one
+                    out["speedup"][str(b)][f"{k}_vs_ort"] = round(p50["ort"] / p50[k], 3)
             print(art.name, b, out["ms_per_image"][str(b)], out["speedup"][str(b)], flush=True)
         return out
     finally:
         for v in opened.values():
             v.close()
+        if other is not None:
+            other.unlink(missing_ok=True)
 
 
 def main() -> None:
@@ -141,14 +158,19 @@ def write(rows: dict, args) -> None:
              f"Random weights; {args.images} Corridor database images; {args.threads} threads for every variant; "
              f"{args.rounds} interleaved rounds per batch; CPU {m.get('cpu')} with {m.get('cpu_features')}. "
              "p50 ms per image; speed-ups are ratios of p50s from the same rounds.", "",
-             "| preset | attention nodes fused | batch | PyTorch ms | ORT portable ms | ORT fused ms | portable vs PyTorch | "
-             "fused vs PyTorch | fused vs portable |", "|---|---|---|---|---|---|---|---|---|"]
+             "| preset | attention nodes fused (shipped op) | batch | PyTorch ms | ORT portable ms | ORT fused ms | "
+             "portable vs PyTorch | fused vs PyTorch | fused vs portable | other fused form: ms, shipped vs it |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        n = (r["ort_graph"] or {}).get("attention", 0)
+        og = r["ort_graph"] or {}
+        n = f"{og.get('attention', 0)} ({og.get('op', 'Attention')})" if og.get("attention") else "0"
         for b in batches:
             ms, sp = r["ms_per_image"][b], r["speedup"][b]
+            other = next((k for k in ms if k.startswith("ort-")), None)
+            alt = f"{other[4:]}: {ms[other]}, {sp[f'{other}_vs_ort']:.3f}x" if other else "-"
             lines.append(f"| {name} | {n} | {b} | {ms['pytorch-fp32']} | {ms['portable']} | {ms['ort']} | "
-                         f"{sp['portable_vs_pytorch']:.2f}x | **{sp['ort_vs_pytorch']:.2f}x** | {sp['fused_vs_portable']:.3f}x |")
+                         f"{sp['portable_vs_pytorch']:.2f}x | **{sp['ort_vs_pytorch']:.2f}x** | "
+                         f"{sp['fused_vs_portable']:.3f}x | {alt} |")
     (args.output / "summary.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(rows), 3.6))
     labels = [f"{n}\nb{b}" for n in rows for b in batches]

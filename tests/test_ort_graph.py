@@ -1,4 +1,4 @@
-"""The ONNX-Runtime-only graph (engines.ort_graph): attention fused into contrib Attention nodes, equal to the
+"""The ONNX-Runtime-only graph (engines.ort_graph): attention fused into contrib nodes, equal to the
 portable graph, sharing its weights, chosen by the runtime except where standard ops are needed."""
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def test_fused_graph_is_listed_shares_weights_and_replaces_every_attention(art):
     assert rep["attention"] == len(blocks) > 0 and rep["check"]["passed"] and rep["check"]["rel_err"] <= 1e-4
     f, p = graph.load(fused, load_weights=False), graph.load(portable, load_weights=False)
     ops_f, ops_p = graph.op_counts(f), graph.op_counts(p)
-    assert ops_f["Attention"] == len(blocks) and ops_f.get("Softmax", 0) == ops_p["Softmax"] - len(blocks)
+    assert rep["op"] == "MultiHeadAttention" and ops_f["MultiHeadAttention"] == len(blocks)
+    assert ops_f.get("Softmax", 0) == ops_p["Softmax"] - len(blocks)
     # one weights file for both graphs; the second graph takes no initializer the portable one lacks
     assert graph.external_data_files(fused) == graph.external_data_files(portable) == [art / "model.onnx.data"]
     assert {i.name for i in f.graph.initializer} <= {i.name for i in p.graph.initializer}
@@ -56,6 +57,27 @@ def test_runtime_runs_fused_graph_by_default_and_both_agree(art, corridor):
         assert d.backend.describe()["graph"] == "portable" and d.backend.path.name == "model.onnx"
         want = d.describe(imgs, batch=3)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_both_fused_forms_equal_the_portable_graph(art, corridor, tmp_path):
+    """MultiHeadAttention (the default) and Attention: same outputs as the standard-ops graph, on a copy."""
+    import onnxruntime as ort
+    import shutil
+
+    for f in ("model.onnx", "model.onnx.data"):
+        shutil.copy(art / f, tmp_path / f)
+    with Describer.from_artifact(art, ort_graph="portable") as d:
+        x = np.stack([d.preprocess(p) for p in _images(corridor, 4)])
+        want = d.backend.run(x)
+    for op in OG.OPS:
+        rep = OG.write_ort_graph(tmp_path / "model.onnx", op=op, name=f"{op}.onnx")
+        assert rep["attention"] > 0 and rep["op"] == op
+        m = graph.load(tmp_path / rep["file"], load_weights=False)
+        assert graph.op_counts(m)[op] == rep["attention"] and graph.op_counts(m).get("Squeeze", 0) == 0
+        (got,) = ort.InferenceSession(str(tmp_path / rep["file"])).run(None, {"images": x})
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    with pytest.raises(ValueError, match="op must be"):
+        OG.fuse_attention(graph.load(tmp_path / "model.onnx", load_weights=False), op="Flash")
 
 
 def test_tensorrt_ep_and_portable_choice_take_the_standard_graph(art):
@@ -79,7 +101,7 @@ def test_a_fused_graph_that_differs_is_not_shipped(corridor, tmp_path, monkeypat
 
     def wrong_scale(self, softmax):
         found = real(self, softmax)
-        return None if found is None else (*found[:3], found[3] * 1.5)
+        return None if found is None else found._replace(scale=found.scale * 1.5)
 
     monkeypatch.setattr(OG._Match, "attention", wrong_scale)
     out = tmp_path / "art"

@@ -1,4 +1,4 @@
-"""The artifact's second graph, for ONNX Runtime only: each ViT attention as one `com.microsoft.Attention` node.
+"""The artifact's second graph, for ONNX Runtime only: each ViT attention as one fused contrib node.
 
 Why a second graph: ONNX Runtime's own attention fusion (in-session level 2, and `onnxruntime.transformers`
 with model_type vit) matches the BERT patterns of the TorchScript exporter; torch's dynamo exporter unbinds
@@ -8,22 +8,25 @@ measured). The portable `model.onnx` keeps standard ops for TensorRT; `model.ort
     x @ W_qkv + b -> Reshape [B, S, 3, H, Dh] -> Transpose -> Slice/Squeeze q, k, v -> (q*c)(k*c)^T
       -> Softmax -> @ v -> Transpose -> Reshape [B, S, D]
 
-by `Attention(x, W_qkv, b_qkv, num_heads=H, scale=c*c)`, whose CPU/CUDA kernels do the projection, the
-head split and the softmax in one pass. Measured (benchmarks/ort_graphs.py, 2 threads, FP32): 1.01-1.11x
-the portable graph's speed on ViT-S/14, ViT-B/14 at 322 px and ViT-S/8 at 3025 tokens; fusing Add +
-LayerNorm into SkipLayerNormalization as well measured no faster (noise level), so it is not done. Only float graphs: the CPU kernel has no FP16 form, and INT8 graphs quantise
-the qkv projection (no float weight to hand over).
+by `x @ W_qkv -> Split -> MultiHeadAttention(q, k, v, b, num_heads=H, scale=c*c)` (the default), or by
+`Attention(x, W_qkv, b)`, which also does the projection. Both kernels add the bias, split the heads and run
+the softmax in one pass; MultiHeadAttention's CPU kernel also avoids the [B, H, S, S] score tensor's round
+trips, which is what counts at ViT-S/8's 3025 tokens (`benchmarks/ort_graphs.py` times both forms against
+the portable graph and PyTorch; its results say which is faster where). Fusing Add + LayerNorm into
+SkipLayerNormalization as well measured no faster (noise level), so it is not done. Only float graphs: the
+CPU kernels have no FP16 form, and INT8 graphs quantise the qkv projection.
 
-Both graphs read the same weights: `model.ort.onnx` takes no initializer the portable graph lacks, and
-shares its external-data file (a graph with embedded weights is first rewritten to one external file), so
-the second graph costs kilobytes, not a copy of the weights. The export checks it against the portable
-graph on real images before it is listed in the manifest (`vpr_edge.export.artifact`).
+Both graphs read the same weights: `model.ort.onnx` takes no initializer the portable graph lacks (the split
+sizes are Constant nodes), and shares its external-data file (a graph with embedded weights is first
+rewritten to one external file), so the second graph costs kilobytes, not a copy of the weights. The export
+checks it against the portable graph on real images before it is listed in the manifest
+(`vpr_edge.export.artifact`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -32,6 +35,7 @@ from vpr_edge.lazy import lazy_import
 
 ORT_GRAPH_NAME = "model.ort.onnx"
 MS_DOMAIN = "com.microsoft"
+OPS = ("MultiHeadAttention", "Attention")
 
 
 def _constant(model, producer: dict[str, Any], inits: dict[str, Any], tensor: str) -> np.ndarray | None:
@@ -93,8 +97,8 @@ class _Match:
             return None
         return self.up(sl.input[0], "Transpose")
 
-    def attention(self, softmax) -> tuple[Any, list[str], int, float] | None:
-        """(node whose output the fused node produces, [x, W_qkv, b_qkv], heads, scale) or None."""
+    def attention(self, softmax) -> "_Block | None":
+        """The attention block whose Softmax is `softmax`, or None."""
         if _attr(softmax, "axis", -1) not in (-1, 3):
             return None
         scores = self.up(softmax.input[0], "MatMul")
@@ -121,36 +125,67 @@ class _Match:
             return None
         heads, head_dim = int(shape[3]), int(shape[4])
         bias_add = self.up(split.input[0], "Add")
-        proj = None if bias_add is None else self.up(bias_add.input[0], "MatMul")
-        if proj is None or bias_add.input[1] not in self.inits or proj.input[1] not in self.inits:
-            return None
-        w, b = self.inits[proj.input[1]], self.inits[bias_add.input[1]]
+        bias = None if bias_add is None else self.inits.get(bias_add.input[1])
         dim = heads * head_dim
-        if list(w.dims) != [w.dims[0], 3 * dim] or list(b.dims) != [3 * dim] or w.data_type != G.FLOAT:
+        if bias is None or list(bias.dims) != [3 * dim] or bias.data_type != G.FLOAT:
             return None
-        return merge, [proj.input[0], proj.input[1], bias_add.input[1]], heads, cq * ck
+        # the projection's weight as Attention takes it: a float initializer (an INT8 graph's comes from a
+        # DequantizeLinear: only MultiHeadAttention, which leaves the projection as it is, applies there)
+        proj = self.up(bias_add.input[0], "MatMul")
+        w = None if proj is None else self.inits.get(proj.input[1])
+        weight = proj.input[1] if w is not None and list(w.dims) == [w.dims[0], 3 * dim] and w.data_type == G.FLOAT else None
+        return _Block(merge, None if weight is None else proj.input[0], weight, bias_add.input[1], heads, cq * ck,
+                      bias_add.input[0])
 
 
-def fuse_attention(model) -> int:
-    """Replace every matching attention block of `model` (in place) by one `com.microsoft.Attention` node
-    writing the block's merged-heads output tensor; returns how many. Nodes left without consumers are
-    removed, with initializers no node reads any more."""
+class _Block(NamedTuple):
+    merge: Any  # the head-merging Reshape whose output the fused node writes
+    x: str | None  # the projection's input, with `weight` (None: Attention cannot take this block)
+    weight: str | None
+    bias: str  # the qkv bias [3 * dim]
+    heads: int
+    scale: float
+    projected: str  # x @ W_qkv before the bias
+
+
+def fuse_attention(model, op: str = "MultiHeadAttention") -> int:
+    """Replace every matching attention block of `model` (in place) by ORT's fused attention writing the
+    block's merged-heads output tensor; returns how many. `op`: "MultiHeadAttention" (the qkv MatMul kept,
+    Split into q, k, v, one MultiHeadAttention node adding the bias) or "Attention" (one node doing the
+    projection too). Nodes left without consumers are removed, with initializers no node reads any more."""
+    if op not in OPS:
+        raise ValueError(f"fuse_attention: op must be one of {OPS}, not {op!r}")
     helper = lazy_import("onnx").helper
     match = _Match(model)
-    replace: dict[str, Any] = {}
+    replace: dict[str, list] = {}
     for node in model.graph.node:
         if node.op_type != "Softmax":
             continue
         found = match.attention(node)
         if found is None:
             continue
-        merge, inputs, heads, scale = found
-        replace[merge.output[0]] = helper.make_node(
-            "Attention", inputs, [merge.output[0]], name=f"ort_attention_{len(replace)}", domain=MS_DOMAIN,
-            num_heads=heads, scale=scale)
+        name = f"ort_attention_{len(replace)}"
+        if op == "Attention":
+            if found.weight is None:
+                continue
+            replace[found.merge.output[0]] = [helper.make_node(
+                "Attention", [found.x, found.weight, found.bias], [found.merge.output[0]], name=name,
+                domain=MS_DOMAIN, num_heads=found.heads, scale=found.scale)]
+            continue
+        dim = int(match.inits[found.bias].dims[0]) // 3
+        sizes = f"{name}_split_sizes"  # a Constant node: the graph keeps no initializer the portable one lacks
+        split_sizes = helper.make_node("Constant", [], [sizes], name=sizes, value=lazy_import("onnx").numpy_helper
+                                       .from_array(np.array([dim, dim, dim], dtype=np.int64), sizes))
+        q, k, v = (f"{name}_{t}" for t in "qkv")
+        replace[found.merge.output[0]] = [
+            split_sizes,
+            helper.make_node("Split", [found.projected, sizes], [q, k, v], name=f"{name}_split", axis=-1),
+            helper.make_node("MultiHeadAttention", [q, k, v, found.bias], [found.merge.output[0]], name=name,
+                             domain=MS_DOMAIN, num_heads=found.heads, scale=found.scale),
+        ]
     if not replace:
         return 0
-    nodes = [replace.get(n.output[0], n) if n.output else n for n in model.graph.node]
+    nodes = [m for n in model.graph.node for m in (replace.get(n.output[0], [n]) if n.output else [n])]
     del model.graph.node[:]
     model.graph.node.extend(_live(model, nodes))
     used = {t for n in model.graph.node for t in n.input}
@@ -173,27 +208,24 @@ def _live(model, nodes: list) -> list:
     return keep[::-1]
 
 
-def write_ort_graph(onnx_path: str | Path) -> dict[str, Any]:
-    """Write `ORT_GRAPH_NAME` next to the float graph `onnx_path` with its attention fused; returns what was
-    done ({"attention": count, "file": name} or {"attention": 0, "reason": ...}). A graph with embedded
-    weights is first rewritten in place to one external-data file, which both graphs then read."""
+def write_ort_graph(onnx_path: str | Path, op: str = OPS[0], name: str = ORT_GRAPH_NAME) -> dict[str, Any]:
+    """Write `name` next to the float graph `onnx_path` with its attention fused into `op` nodes; returns what
+    was done ({"attention": count, "op": op, "file": name, ...} or {"attention": 0, "reason": ...}). A graph
+    with embedded weights is first rewritten in place to one external-data file, which both graphs then read."""
     onnx_path = Path(onnx_path)
     model = G.load(onnx_path, load_weights=False)
     if any(i.data_type == G.FLOAT16 for i in model.graph.initializer):
-        return {"attention": 0, "reason": "FP16 graph (the CPU Attention kernel is float only)"}
-    probe = type(model)()
-    probe.CopyFrom(model)
-    if fuse_attention(probe) == 0:
-        return {"attention": 0, "reason": "no attention block of the exported form (or a quantised projection)"}
+        return {"attention": 0, "reason": "FP16 graph (the CPU attention kernels are float only)"}
+    count = fuse_attention(model, op)
+    if count == 0:
+        return {"attention": 0, "reason": "no attention block of the exported form"}
     if not G.external_data_files(onnx_path):
         G.save_streamed(G.load(onnx_path), onnx_path, None)
         model = G.load(onnx_path, load_weights=False)
-        probe = type(model)()
-        probe.CopyFrom(model)
-    count = fuse_attention(probe)
-    dst = onnx_path.parent / ORT_GRAPH_NAME
+        count = fuse_attention(model, op)
+    dst = onnx_path.parent / name
     tmp = dst.with_name("." + dst.name + ".partial")
     # structure only: its external initializers keep pointing at the portable graph's data file
-    lazy_import("onnx").save_model(probe, str(tmp))
+    lazy_import("onnx").save_model(model, str(tmp))
     tmp.replace(dst)
-    return {"attention": count, "file": dst.name, "shares": [p.name for p in G.external_data_files(onnx_path)]}
+    return {"attention": count, "op": op, "file": dst.name, "shares": [p.name for p in G.external_data_files(onnx_path)]}
