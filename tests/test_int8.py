@@ -167,6 +167,21 @@ def test_int8_outside_thresholds_fails_loudly(toy_path, data, tmp_path, monkeypa
     assert accepted.verification["report"]["cos_mean"] < 0.95  # measured 0.90: well outside 0.98, not near it
     assert not accepted.passed and accepted.verification["accepted_outside_thresholds"]
     assert accepted.verification["failures"]
+    # what ran the check is recorded: the CPU's integer features, and the options that made its products exact
+    from vpr_edge.onnxrt import session_config
+
+    assert accepted.verification["ort_session_config"] == session_config()
+    assert isinstance(accepted.verification["cpu_features"], list)
+
+
+def test_exact_integer_products_are_asked_for_only_where_the_kernel_saturates():
+    from vpr_edge.onnxrt import X64_QUANT_PRECISION, session_config
+
+    assert session_config(["avx2"], "x86_64") == {X64_QUANT_PRECISION: "1"}
+    assert session_config(["avx2", "avx512f"], "AMD64") == {X64_QUANT_PRECISION: "1"}
+    for feats, arch in ((["avx2", "avx512f", "avx512_vnni"], "x86_64"), (["avx2", "avx_vnni"], "x86_64"),
+                        (["asimd", "asimddp"], "aarch64")):
+        assert session_config(feats, arch) == {}
 
 
 @pytest.mark.slow
@@ -318,3 +333,30 @@ def I_reader(images):
     from vpr_edge.engines.precision.int8 import batch_reader
 
     return batch_reader(batches(images, 4), "images")
+
+
+def test_integer_products_are_exact_whatever_the_cpu(tmp_path):
+    """A Q/DQ MatMul whose U8S8 pair sums exceed int16 (what ORT's AVX2 / AVX-512F-without-VNNI kernel
+    saturates): every session the toolkit opens computes the exact product, so an INT8 gate cannot depend on
+    the CPU's instruction set. On a VNNI or ARM CPU the kernel is exact and no option is set; on the others
+    this fails without `session.x64quantprecision`."""
+    from onnx import TensorProto, helper
+
+    from vpr_edge import onnxrt
+
+    k, n = 64, 8
+    w = np.full((k, n), 127, dtype=np.int8)
+    w[:, 1::2] = -127
+    inits = [numpy_helper.from_array(np.array(1.0, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z"),
+             numpy_helper.from_array(w, "wq")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["wd"]),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"])]
+    g = helper.make_graph(nodes, "qdq_matmul", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])], inits)
+    path = tmp_path / "qdq.onnx"
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = np.stack([np.full(k, 127.0), np.tile([127.0, -128.0], k // 2)]).astype(np.float32)
+    (got,) = onnxrt.session(path).run(None, {"x": x})
+    np.testing.assert_array_equal(got, x.astype(np.float64) @ w.astype(np.float64))

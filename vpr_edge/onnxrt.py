@@ -53,6 +53,29 @@ def resolve_providers(providers: Sequence[str] | None, available: Sequence[str])
     return out
 
 
+X64_QUANT_PRECISION = "session.x64quantprecision"
+
+
+def session_config(features: Sequence[str] | None = None, arch: str | None = None) -> dict[str, str]:
+    """Session config entries every session gets on this CPU (`features`/`arch`: another CPU's).
+
+    x86 CPUs without VNNI (AVX2, AVX-512F) run ORT's U8S8 integer GEMM through a saturating 16-bit
+    intermediate (vpmaddubsw): INT8 outputs there are worse than the arithmetic the graph states, and than
+    what TensorRT or a VNNI CPU computes (Corridor, ViT-S/14 INT8: cos mean 0.972 on an AVX2 EPYC, 0.991 on
+    a VNNI Xeon), so a gate judged on such a CPU depended on it. ORT's documented `session.x64quantprecision`
+    makes it use exact U8U8 products. Only there: on a VNNI/AMX Xeon it changed no output bit and doubled
+    the INT8 ViT-S/14 time (22.4 -> 47.6 ms, batch 1), so VNNI CPUs (exact already) and ARM run without it."""
+    import platform
+
+    from vpr_edge.measure import cpu_features
+
+    feats = set(cpu_features() if features is None else features)
+    arch = (arch or platform.machine()).lower()
+    if arch in ("x86_64", "amd64", "i386", "i686") and not feats & {"avx512_vnni", "avx_vnni"}:
+        return {X64_QUANT_PRECISION: "1"}
+    return {}
+
+
 def session(
     model: str | Path | Any,
     *,
@@ -78,6 +101,8 @@ def session(
     opts.log_severity_level = 3  # errors only: warnings about unused initialisers are noise here
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
+    for key, value in session_config().items():
+        opts.add_session_config_entry(key, value)
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1

@@ -33,8 +33,8 @@ from vpr_edge.engines import graph as G
 from vpr_edge.engines.precision import table
 from vpr_edge.errors import ConfigError, FidelityError
 from vpr_edge.fidelity import compare_outputs
-from vpr_edge.measure import PeakRss
-from vpr_edge.onnxrt import run_onnx
+from vpr_edge.measure import PeakRss, cpu_features
+from vpr_edge.onnxrt import run_onnx, session_config
 from vpr_edge.verifyset import VerifySet
 
 log = logging.getLogger(__name__)
@@ -218,6 +218,10 @@ def lower_onnx(
             "reference": reference_label,
             "images": verify.source,
             "run_by": "the runtime's Describer" if run_final is not None else "ONNX Runtime (CPU)",
+            # INT8 accuracy on a CPU depends on its integer kernels: what ran the check, and the session
+            # options that made its integer products exact (`onnxrt.session_config`)
+            "cpu_features": cpu_features(),
+            "ort_session_config": session_config(),
             "reports": reports,
             "report": gate,
             "thresholds": record.threshold_record(),
