@@ -127,3 +127,44 @@ def test_bench_variant_can_ask_for_the_portable_graph():
     from vpr_edge.benchmarks.variants import variant_options
 
     assert variant_options("plain@portable=/a") == {"backend": "ort", "ort_graph": "portable"}
+
+
+@pytest.mark.parametrize("gate_passes", [True, False])
+def test_int8_fused_graph_is_judged_by_the_int8_gate(corridor, tmp_path, monkeypatch, gate_passes):
+    """INT8: the qkv projection stays a Q/DQ MatMul and MultiHeadAttention takes its output; the fused graph is
+    shipped only if it passes the INT8 gate against the PyTorch reference, through the runtime (here the gate
+    is forced either way: a tiny random model's INT8 verdict is not what this checks)."""
+    from vpr_edge.engines.precision import table
+
+    real, calls = table.Precision.gate, []
+
+    def gate(self, report):  # the lowering's own verdict first, then the fused graph's
+        if self.name != "int8":
+            return real(self, report)
+        calls.append(report)
+        return [] if gate_passes or len(calls) == 1 else ["planted: outside"]
+
+    monkeypatch.setattr(table.Precision, "gate", gate)
+    out = tmp_path / "int8"
+    m = export_artifact(presets.get("anyloc-dinov2-vits14").tiny(), out, options=ExportOptions(
+        verify=corridor, verify_limit=12, precision="int8", calibration=corridor / "database", calibration_limit=16,
+        progress=False))
+    rep = m.details["ort_graph"]
+    assert rep["attention"] == len(m.details["graph"]["blocks"]) and rep["op"] == "MultiHeadAttention"
+    assert rep["check"]["passed"] is gate_passes and "INT8 gate" in rep["check"]["compared_with"]
+    assert set(rep["check"]["report"]) >= {"cos_mean", "top1_agreement"}
+    imgs = _images(corridor, 4)
+    with Describer.from_artifact(out) as d:
+        assert d.backend.describe()["graph"] == ("fused attention" if gate_passes else "portable")
+        got = d.describe(imgs)
+    if gate_passes:
+        fused = graph.load(out / OG.ORT_GRAPH_NAME, load_weights=False)
+        assert graph.op_counts(fused)["DequantizeLinear"] == graph.op_counts(
+            graph.load(out / "model.onnx", load_weights=False))["DequantizeLinear"]
+        with Describer.from_artifact(out, ort_graph="portable") as d:
+            want = d.describe(imgs)
+        assert float(np.mean(np.sum(got * want, axis=1))) > 0.9  # another INT8 implementation, not bit-equal
+    else:
+        assert OG.ORT_GRAPH_NAME not in m.files and not (out / OG.ORT_GRAPH_NAME).exists()
+        assert "INT8 gate" in rep["reason"] and "not shipped" in rep["reason"]
+    assert len(calls) == 2 and calls[1] == rep["check"]["report"]

@@ -90,6 +90,7 @@ def compare_descriptors(
     scale = float(np.abs(ref).max()) or 1.0
     report["max_abs_err"] = float(np.abs(t - ref).max())
     report["rel_err"] = report["max_abs_err"] / scale
+    report["rel_err_ties"] = report["rel_err"]  # hard-VLAD exports recount it with assignment ties (export.ties)
     norms = np.linalg.norm(t, axis=1)
     report["zero_norm"] = int((norms < 1e-6).sum())
     report["constant_rows"] = int(((t.max(axis=1) - t.min(axis=1)) <= 1e-9 * np.maximum(norms, 1e-30)).sum()) if t.shape[1] > 1 else 0

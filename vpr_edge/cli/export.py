@@ -138,6 +138,13 @@ def _ties_note(rep: dict) -> str:
     return f" ({ties:.3f} counting swaps of images the reference scores within {TIE_EPS:.0e} as ties)"
 
 
+def _assignment_ties_note(rep: dict) -> str:
+    tied, ties = rep.get("tied_tokens"), rep.get("rel_err_ties")
+    if not tied or ties is None or ties == rep["rel_err"]:
+        return ""
+    return f" ({ties:.2e} with {tied} tokens the reference's hard VLAD ties between two centres free to take either)"
+
+
 def _summary(out: Path, m) -> None:
     v = m.verification
     prec = m.details["precision"]
@@ -145,8 +152,9 @@ def _summary(out: Path, m) -> None:
     size = sum(f["bytes"] for f in m.files.values()) / 2**20
     print(
         f"wrote {out} ({prec}, {m.details['scope']}, {size:.1f} MiB): vs PyTorch on {v['set']['n_images']} "
-        f"{v['set']['source']} images: cos min {rep['cos_min']:.6f}, rel err {rep['rel_err']:.2e}, "
-        f"top-1 agreement {rep['top1_agreement']:.3f}, top-5 agreement {rep['top5_agreement']:.3f}"
+        f"{v['set']['source']} images: cos min {rep['cos_min']:.6f}, rel err {rep['rel_err']:.2e}"
+        + _assignment_ties_note(rep)
+        + f", top-1 agreement {rep['top1_agreement']:.3f}, top-5 agreement {rep['top5_agreement']:.3f}"
         + _ties_note(rep)
     )
     if prec != "fp32" and not v[prec].get("passed", True):

@@ -46,21 +46,30 @@ def _batched(features: np.ndarray) -> tuple[np.ndarray, bool]:
 def vlad_hard(features: np.ndarray, centers: np.ndarray, intra_norm: bool = True) -> np.ndarray:
     """[B, N, D] (or [N, D]) patch features -> [B, K*D] (or [K*D]) hard-VLAD descriptors."""
     x, single = _batched(np.asarray(features, dtype=np.float32))
-    c = np.asarray(centers, dtype=np.float32)
-    if c.ndim != 2 or c.shape[1] != x.shape[2]:
-        raise ArtifactError(f"VLAD centres have shape {c.shape}, features have dimension {x.shape[2]}")
-    k = c.shape[0]
+    c = vlad_centers(centers, x.shape[2])
     x = l2_normalize(x)
-    sims = x @ l2_normalize(c).T  # [B, N, K] cosine similarities
-    labels = np.argmax(sims, axis=2)  # [B, N]
+    labels = np.argmax(x @ l2_normalize(c).T, axis=2)  # [B, N]: the most similar centre (cosine)
+    out = vlad_from_labels(x, labels, c, intra_norm)
+    return out[0] if single else out
+
+
+def vlad_centers(centers: np.ndarray, dim: int) -> np.ndarray:
+    c = np.asarray(centers, dtype=np.float32)
+    if c.ndim != 2 or c.shape[1] != dim:
+        raise ArtifactError(f"VLAD centres have shape {c.shape}, features have dimension {dim}")
+    return c
+
+
+def vlad_from_labels(x: np.ndarray, labels: np.ndarray, centers: np.ndarray, intra_norm: bool = True) -> np.ndarray:
+    """Hard VLAD of L2-normalised features `x` [B, N, D] with the cluster of each token given ([B, N])."""
+    k = centers.shape[0]
     onehot = (labels[:, :, None] == np.arange(k)[None, None, :]).astype(np.float32)  # [B, N, K]
     sums = np.einsum("bnk,bnd->bkd", onehot, x)  # [B, K, D]
     counts = onehot.sum(axis=1)  # [B, K]
-    residual = sums - counts[:, :, None] * c[None]
+    residual = sums - counts[:, :, None] * centers[None]
     if intra_norm:
         residual = l2_normalize(residual, axis=2)
-    out = l2_normalize(residual.reshape(x.shape[0], -1), axis=1)
-    return out[0] if single else out
+    return l2_normalize(residual.reshape(x.shape[0], -1), axis=1)
 
 
 def gem(features: np.ndarray, p: float = 3.0, eps: float = 1e-6, mode: str = "signed") -> np.ndarray:
