@@ -63,8 +63,8 @@ def interleaved(art: Path, batches: list[int], rounds: int, threads: int, images
         shipped = json.loads((art / "manifest.json").read_text())["details"]["ort_graph"].get("op", "Attention")
         op = next(o for o in OPS if o != shipped)
         other = art / f".bench-{op}.onnx"
-        write_ort_graph(art / "model.onnx", op=op, name=other.name)
-        opened[f"ort-{op}"] = SimpleNamespace(backend=OrtBackend(other, threads=threads), close=lambda: None)
+        if write_ort_graph(art / "model.onnx", op=op, name=other.name)["attention"]:  # INT8: no Attention form
+            opened[f"ort-{op}"] = SimpleNamespace(backend=OrtBackend(other, threads=threads), close=lambda: None)
     try:
         paths = sorted((CORRIDOR / "database").iterdir())[:images]
         d = opened["ort"]
@@ -96,7 +96,7 @@ def interleaved(art: Path, batches: list[int], rounds: int, threads: int, images
                     np.asarray(times["pytorch-fp32"]) / np.asarray(times["ort"]))), 3),
             }
             for k in opened:
-                if k.startswith("ort-"):  # the form not shipped, against the shipped one
+                if k.startswith("ort-"):  # the form not shipped: its speed-up over the shipped one (> 1: faster)
                     out["speedup"][str(b)][f"{k}_vs_ort"] = round(p50["ort"] / p50[k], 3)
             print(art.name, b, out["ms_per_image"][str(b)], out["speedup"][str(b)], flush=True)
         return out
@@ -118,19 +118,27 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pause", type=float, default=0.3, help="seconds before each timed run")
+    ap.add_argument("--artifact", action="append", default=[], metavar="NAME=DIR",
+                    help="time these exported artifacts (any precision: PyTorch is the FP32 reference rebuilt from "
+                    "the manifest) instead of exporting --models")
     args = ap.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
     log: list[str] = [f"# {shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}"]
     cli = [sys.executable, "-m", "vpr_edge.cli.main"]
     rows = {}
-    for name in args.models.split(","):
-        art = args.work / f"{name}-fp32"
-        cmd = [*cli, "export", "--model", name, "--precision", "fp32", "--weights", "random", "--verify",
-               str(CORRIDOR), "--verify-limit", str(args.verify_limit), "--output", str(art), "--force"]
-        if (art / "manifest.json").is_file():
-            log.append(f"# reused {art}, written by: {shlex.join(cmd)}")
+    given = dict(a.split("=", 1) for a in args.artifact)
+    for name in given or args.models.split(","):
+        if given:
+            art = Path(given[name])
+            log.append(f"# given {name}={art}")
         else:
-            run(cmd, log)
+            art = args.work / f"{name}-fp32"
+            cmd = [*cli, "export", "--model", name, "--precision", "fp32", "--weights", "random", "--verify",
+                   str(CORRIDOR), "--verify-limit", str(args.verify_limit), "--output", str(art), "--force"]
+            if (art / "manifest.json").is_file():
+                log.append(f"# reused {art}, written by: {shlex.join(cmd)}")
+            else:
+                run(cmd, log)
         manifest = json.loads((art / "manifest.json").read_text())
         rows[name] = {"ort_graph": manifest["details"].get("ort_graph"),
                       **interleaved(art, [int(b) for b in args.batches.split(",")], args.rounds, args.threads,
@@ -159,7 +167,7 @@ def write(rows: dict, args) -> None:
              f"{args.rounds} interleaved rounds per batch; CPU {m.get('cpu')} with {m.get('cpu_features')}. "
              "p50 ms per image; speed-ups are ratios of p50s from the same rounds.", "",
              "| preset | attention nodes fused (shipped op) | batch | PyTorch ms | ORT portable ms | ORT fused ms | "
-             "portable vs PyTorch | fused vs PyTorch | fused vs portable | other fused form: ms, shipped vs it |",
+             "portable vs PyTorch | fused vs PyTorch | fused vs portable | the other fused form: ms, its speed-up over the shipped one |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         og = r["ort_graph"] or {}

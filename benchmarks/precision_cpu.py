@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--int8-plain", action="store_true",
                     help="also export INT8 with --int8-outliers off (variant onnx-int8-plain): what outlier handling changes")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for PyTorch and ONNX Runtime in the bench")
+    ap.add_argument("--keep-artifacts", action="store_true",
+                    help="keep the exported graphs (by default only their manifests are kept)")
     ap.add_argument("--reuse", action="store_true",
                     help="keep artifacts an interrupted earlier run already wrote (their commands are logged as reused)")
     args = ap.parse_args()
@@ -135,7 +137,7 @@ def main() -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "commands.txt").write_text("\n".join(log) + "\n")
     # artifacts are large and re-creatable from the commands: keep only their manifests
-    for p in kinds:
+    for p in kinds if not args.keep_artifacts else ():
         for f in (arts / p).iterdir():
             if f.name != "manifest.json":
                 f.unlink()
