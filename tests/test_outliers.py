@@ -212,6 +212,29 @@ def test_outlier_aware_int8_keeps_qdq_where_tensorrt_expects_it_and_beats_plain(
     assert err(aware) < 0.2 * err(plain)  # the 1000x unit no longer sets the step for every other one
 
 
+def test_outlier_rewrite_of_a_graph_saved_with_external_data(mlp, tmp_path, monkeypatch):
+    """ViT-G's rewritten graph is saved with external data (over 2 GB), which turns the in-memory initializers
+    into references to that file: the split and smoothing read and rewrite them there (the stress-model ViT-G
+    INT8 export failed on exactly this). Same graph as the in-memory path."""
+    from vpr_edge.engines import graph as G
+    from vpr_edge.engines.precision import int8, smoothing
+
+    path, x = mlp
+    cal = [np.random.default_rng(s).standard_normal((8, 12, K)).astype(np.float32) for s in range(3)]
+    small = tmp_path / "small"
+    small.mkdir()
+    int8.int8_from_onnx(path, small / "aware.onnx", cal, rewrite=True, outliers=smoothing.OutlierOptions(),
+                        keep_first_layer=False)
+    big = tmp_path / "big"
+    big.mkdir()
+    monkeypatch.setattr(G, "over_size", lambda model, limit: True)  # every save goes to one external-data file
+    rep = int8.int8_from_onnx(path, big / "aware.onnx", cal, rewrite=True, outliers=smoothing.OutlierOptions(),
+                              keep_first_layer=False)
+    assert rep.outliers["matmuls_split"] == 1
+    assert np.array_equal(_run(big / "aware.onnx", x), _run(small / "aware.onnx", x))
+    assert not [f for f in big.iterdir() if f.name.startswith(".")]  # no temporary left
+
+
 def test_graphs_without_outliers_are_left_as_they_are(tmp_path):
     """Random-weight-like statistics: nothing is split or smoothed, so the INT8 graph is the plain one."""
     import onnx

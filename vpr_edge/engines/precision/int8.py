@@ -295,9 +295,15 @@ def int8_from_onnx(
             if method != "max" or have_ranges:
                 ranges = None  # ORT's histogram calibrators (or the cache) give the ranges
         if grps:
-            smooth_rep = smoothing.smooth_(full, absmax, grps, outliers)
+            # a big graph's first save moved its weights to quant_src's data file (onnx rewrites the proto to
+            # external references): read them there, and rewrite that file one tensor at a time
+            ext_dir = quant_src.parent if any(G.is_external(i) for i in full.graph.initializer) else None
+            smooth_rep = smoothing.smooth_(full, absmax, grps, outliers, weights_dir=ext_dir)
             if smooth_rep.smoothed:
-                G.save(full, quant_src)
+                if ext_dir is None:
+                    G.save(full, quant_src)
+                else:
+                    G.save_streamed(full, quant_src, ext_dir)
             if ranges is not None:
                 for t, r in smooth_rep.ranges.items():
                     ranges[t] = (np.array(-r, dtype=np.float32), np.array(r, dtype=np.float32))
