@@ -161,9 +161,10 @@ def write(rows: dict, args) -> None:
     (args.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     batches = args.batches.split(",")
     m = summary["machine"]
-    lines = ["# ONNX Runtime FP32 vs PyTorch FP32 eager, fused-attention graph vs portable graph", "",
+    what = "the given artifacts (their own precision)" if getattr(args, "artifact", None) else "FP32"
+    lines = [f"# ONNX Runtime, {what}, vs PyTorch FP32 eager: fused-attention graph vs portable graph", "",
              f"Command: `python {summary['benchmark_command']}` (exports: commands.txt)  ",
-             f"Random weights; {args.images} Corridor database images; {args.threads} threads for every variant; "
+             f"Random weights (random-outliers: the stress model, where named); {args.images} Corridor database images; {args.threads} threads for every variant; "
              f"{args.rounds} interleaved rounds per batch; CPU {m.get('cpu')} with {m.get('cpu_features')}. "
              "p50 ms per image; speed-ups are ratios of p50s from the same rounds.", "",
              "| preset | attention nodes fused (shipped op) | batch | PyTorch ms | ORT portable ms | ORT fused ms | "
