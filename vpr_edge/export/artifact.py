@@ -270,10 +270,10 @@ def export_artifact(
             report["features_rel_err"] = raw["rel_err"]
             report["rel_err"] = max(report["rel_err"], raw["rel_err"])
         report["rel_err_ties"] = report["rel_err"]
-        if side.reference_features is not None:
+        if side.reference_ties is not None:
             from vpr_edge.export.ties import tie_rel_err
 
-            report.update(tie_rel_err(side.reference_features, _aggregation(preset, tmp, side), ort_desc,
+            report.update(tie_rel_err(side.reference_ties, _aggregation(preset, tmp, side), ort_desc,
                                       float(np.abs(ref_desc).max())))
             report["rel_err_ties"] = max(report["rel_err_ties"], report.get("features_rel_err", 0.0))
         fails = fp32.gate(report)

@@ -30,7 +30,7 @@ class TorchSide:
     pca: object | None
     reference: np.ndarray  # the exported module's outputs on verify.images
     reference_desc: np.ndarray  # descriptors (= reference for descriptor scope)
-    reference_features: np.ndarray | None  # the head's input features, for hard-VLAD presets (export.ties)
+    reference_ties: list | None  # hard-VLAD presets: `export.ties.TieRecord` per verify image
     weights_id: str  # what identifies the weights (vpr_edge.space)
     space: dict  # the descriptor space (a student's: its teacher's)
     weights_bytes: int
@@ -112,16 +112,24 @@ def torch_side(
     model = ref.model
     module = model.backbone if options.scope == "backbone" else model
     out_name = "features" if options.scope == "backbone" else "descriptor"
-    feats: list[np.ndarray] = []
+    ties: list | None = None
     hook = None
-    if preset.aggregator.kind == "vlad" and options.scope != "backbone":  # the head's input, from the same pass
-        hook = model.aggregator.register_forward_pre_hook(lambda m, args: feats.append(args[0].float().numpy().copy()))
+    if preset.aggregator.kind == "vlad" and ref.vocabulary is not None:  # for the FP32 check's assignment ties
+        from vpr_edge.export.ties import tie_records
+
+        centers = ref.vocabulary.centers
+        ties = []
+        if options.scope != "backbone":
+            hook = model.aggregator.register_forward_pre_hook(
+                lambda m, args: ties.extend(tie_records(args[0].float().numpy(), centers)))
     try:
         ref_out = steps.run("PyTorch reference", torch_outputs, module, vs.images)
     finally:
         if hook is not None:
             hook.remove()
-    ref_features = np.concatenate(feats) if feats else (ref_out if preset.aggregator.kind == "vlad" else None)
+    if ties is not None and options.scope == "backbone":
+        for i in range(0, len(ref_out), 8):
+            ties.extend(tie_records(ref_out[i:i + 8], centers))
     ref_desc = ref_out if options.scope == "descriptor" else torch_outputs(model.aggregator, ref_out)
     weights_bytes = param_bytes(module)
     check_disk(onnx_path.parent, int(weights_bytes * 2.2) + (64 << 20))
@@ -133,7 +141,7 @@ def torch_side(
         pca=ref.pca,
         reference=ref_out,
         reference_desc=ref_desc,
-        reference_features=ref_features,
+        reference_ties=ties,
         weights_id=ref.weights_id,
         space=ref.space().to_dict(),
         weights_bytes=weights_bytes,
