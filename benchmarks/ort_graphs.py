@@ -122,6 +122,10 @@ def main() -> None:
                     help="time these exported artifacts (any precision: PyTorch is the FP32 reference rebuilt from "
                     "the manifest) instead of exporting --models")
     args = ap.parse_args()
+    for a in args.artifact:
+        name, _, folder = a.partition("=")
+        if not name or not (Path(folder) / "manifest.json").is_file():
+            ap.error(f"--artifact {a}: give NAME=DIR, DIR an exported artifact folder (with manifest.json)")
     args.output.mkdir(parents=True, exist_ok=True)
     log: list[str] = [f"# {shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}"]
     cli = [sys.executable, "-m", "vpr_edge.cli.main"]

@@ -13,14 +13,15 @@ by `x @ W_qkv -> Split -> MultiHeadAttention(q, k, v, b, num_heads=H, scale=c*c)
 the softmax in one pass; MultiHeadAttention's CPU kernel also avoids the [B, H, S, S] score tensor's round
 trips, which is what counts at ViT-S/8's 3025 tokens (`benchmarks/ort_graphs.py` times both forms against
 the portable graph and PyTorch; its results say which is faster where). Fusing Add + LayerNorm into
-SkipLayerNormalization as well measured no faster (noise level), so it is not done. Only float graphs: the
-CPU kernels have no FP16 form, and INT8 graphs quantise the qkv projection.
+SkipLayerNormalization as well measured no faster (noise level), so it is not done. No FP16 graphs: the CPU
+kernels have no FP16 form. INT8 graphs quantise the qkv projection, so only MultiHeadAttention applies there
+(the Q/DQ MatMul stays as it is; `Attention` wants a float weight).
 
 Both graphs read the same weights: `model.ort.onnx` takes no initializer the portable graph lacks (the split
 sizes are Constant nodes), and shares its external-data file (a graph with embedded weights is first
 rewritten to one external file), so the second graph costs kilobytes, not a copy of the weights. The export
-checks it against the portable graph on real images before it is listed in the manifest
-(`vpr_edge.export.artifact`).
+checks it on real images before it is listed in the manifest (`vpr_edge.export.artifact._ort_graph`: FP32
+against the portable graph, INT8 through the INT8 gate).
 """
 
 from __future__ import annotations

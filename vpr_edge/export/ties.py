@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from vpr_edge.fidelity import TIE_EPS
-from vpr_edge.runtime.aggregate import Aggregation, l2_normalize, pca_whiten, vlad_centers
+from vpr_edge.runtime.aggregate import (Aggregation, l2_normalize, pca_whiten, vlad_centers, vlad_normalize,
+                                       vlad_residuals)
 
 MAX_TIED = 8  # tied tokens per image tried both ways (2**8 descriptors at most); an image with more is judged as is
 CHUNK = 16  # alternative descriptors computed at a time
@@ -48,14 +49,12 @@ def tie_records(features: np.ndarray, centers: np.ndarray, eps: float = TIE_EPS)
     np.put_along_axis(masked, best[..., None], -np.inf, axis=2)
     second = np.argmax(masked, axis=2)
     margin = np.take_along_axis(sims, best[..., None], 2)[..., 0] - np.take_along_axis(sims, second[..., None], 2)[..., 0]
-    k = c.shape[0]
+    residual = vlad_residuals(x, best, c).astype(np.float32)
     out = []
     for i in range(len(x)):
-        onehot = (best[i][:, None] == np.arange(k)[None]).astype(np.float32)  # [N, K]
-        residual = onehot.T @ x[i] - onehot.sum(0)[:, None] * c
         tied = np.flatnonzero(margin[i] <= eps)
         keep = tied if len(tied) <= MAX_TIED else tied[:0]
-        out.append(TieRecord(residual.astype(np.float32), x[i][keep], best[i][keep], second[i][keep], int(len(tied))))
+        out.append(TieRecord(residual[i], x[i][keep], best[i][keep], second[i][keep], int(len(tied))))
     return out
 
 
@@ -79,9 +78,7 @@ def tie_rel_err(records: list[TieRecord], agg: Aggregation, got: np.ndarray, sca
             for j in range(t):
                 res[:, rec.best[j]] -= pick[:, j:j + 1] * out_a[j]
                 res[:, rec.second[j]] += pick[:, j:j + 1] * into_b[j]
-            if agg.intra_norm:
-                res = l2_normalize(res, axis=2)
-            alt = l2_normalize(res.reshape(len(pick), -1), axis=1)
+            alt = vlad_normalize(res, agg.intra_norm)
             if agg.pca_proj is not None:
                 alt = pca_whiten(alt, agg.pca_mean, agg.pca_proj)
             err = min(err, float(np.abs(alt - g[None]).max(axis=1).min()))

@@ -62,14 +62,23 @@ def vlad_centers(centers: np.ndarray, dim: int) -> np.ndarray:
 
 def vlad_from_labels(x: np.ndarray, labels: np.ndarray, centers: np.ndarray, intra_norm: bool = True) -> np.ndarray:
     """Hard VLAD of L2-normalised features `x` [B, N, D] with the cluster of each token given ([B, N])."""
+    return vlad_normalize(vlad_residuals(x, labels, centers), intra_norm)
+
+
+def vlad_residuals(x: np.ndarray, labels: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """[B, K, D] per-cluster sums of (token - its centre), before any normalisation."""
     k = centers.shape[0]
     onehot = (labels[:, :, None] == np.arange(k)[None, None, :]).astype(np.float32)  # [B, N, K]
     sums = np.einsum("bnk,bnd->bkd", onehot, x)  # [B, K, D]
     counts = onehot.sum(axis=1)  # [B, K]
-    residual = sums - counts[:, :, None] * centers[None]
+    return sums - counts[:, :, None] * centers[None]
+
+
+def vlad_normalize(residual: np.ndarray, intra_norm: bool = True) -> np.ndarray:
+    """[B, K, D] residual sums -> [B, K*D] descriptors (intra-normalised per cluster, then L2)."""
     if intra_norm:
         residual = l2_normalize(residual, axis=2)
-    return l2_normalize(residual.reshape(x.shape[0], -1), axis=1)
+    return l2_normalize(residual.reshape(residual.shape[0], -1), axis=1)
 
 
 def gem(features: np.ndarray, p: float = 3.0, eps: float = 1e-6, mode: str = "signed") -> np.ndarray:
