@@ -70,3 +70,14 @@ def test_doctor_rebuilds_random_weights_from_their_seed(capsys, tmp_path, corrid
     export_artifact(p, art, seed=7, options=ExportOptions(verify=corridor, verify_limit=12, progress=False))
     rc, out, verdict = _doctor(capsys, str(art))
     assert rc == 0 and verdict.startswith("verdict: OK") and "pytorch vs onnxruntime" in out
+
+
+def test_doctor_says_how_this_cpu_multiplies_int8(monkeypatch):
+    from vpr_edge.doctor import environment
+    from vpr_edge.onnxrt import X64_QUANT_PRECISION, session_config
+
+    assert ("U8U8" in environment.environment_report()["ort_int8_products"]) == bool(session_config())
+    monkeypatch.setattr(environment, "session_config", lambda: {X64_QUANT_PRECISION: "1"})  # an AVX2 CPU
+    assert environment.environment_report()["ort_int8_products"].startswith("exact U8U8")
+    monkeypatch.setattr(environment, "session_config", lambda: {})
+    assert "VNNI" in environment.environment_report()["ort_int8_products"]
