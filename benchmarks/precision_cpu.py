@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from vpr_edge.export.artifact import search_journal
+
 REPO = Path(__file__).resolve().parents[1]
 CORRIDOR = REPO.parent / "shared" / "data" / "corridor"
 
@@ -87,6 +89,9 @@ def main() -> None:
             str(CORRIDOR / "database")]
     if args.calibration_limit:
         int8 += ["--calibration-limit", str(args.calibration_limit)]
+    if args.target_agreement or args.int8_target:
+        print(f"# the fallback searches log each score as it is known (and resume from it when rerun): "
+              f"{search_journal(arts / 'int8')}, {search_journal(arts / 'int8-fallback')}", flush=True)
     run(exe + [*int8, *target, "--output", str(arts / "int8")], log, reuse("int8"))
     kinds = {"fp32": "onnx-fp32", **({} if args.no_fp16 else {"fp16": "onnx-fp16"}), "int8": "onnx-int8"}
     if args.int8_plain:
@@ -117,6 +122,8 @@ def main() -> None:
             "top5_agreement": rep["top5_agreement"],
             "fallback_blocks": fb["blocks"] if fb else None,
             "fallback_met": fb["met"] if fb else None,
+            "fallback_evaluations": len(fb["evaluations"]) if fb else None,
+            "fallback_nodes_kept": len(fb["nodes"]) if fb else None,
             "high_precision_flops_fraction": m["details"].get("high_precision_flops_fraction"),
             "beyond_default_flops_fraction": m["details"].get("beyond_default_flops_fraction"),
             "outlier_channels": (m["details"].get("int8") or {}).get("outlier_channels"),

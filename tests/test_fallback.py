@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vpr_edge.engines.precision.fallback import fallback_search, minimal_subset
+from vpr_edge.engines.precision.fallback import SearchJournal, fallback_search, minimal_subset
 
 
 def _counting(needed: set):
@@ -67,6 +67,52 @@ def test_fallback_reports_unreachable_targets(tmp_path):
     assert nothing.met and nothing.blocks == [] and nothing.cost == 0.0
 
 
+class _Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_search_resumes_from_its_journal(tmp_path):
+    """Scores are journalled as they come; a rerun reads them back instead of evaluating again, and ends
+    with the answer (and the record) of an uninterrupted search."""
+    blocks = {b: [f"b{b}.{k}" for k in ("qkv", "fc1")] for b in range(8)}
+    build, evaluate = _fake_graph(tmp_path, {"b2.fc1", "b5.qkv"})
+    whole = fallback_search(build, evaluate, blocks, 0.99, refine_nodes=True)
+    n_whole = len(whole.evaluations)
+    assert n_whole > 6
+
+    calls = []
+
+    def dies_after(k: int):
+        def ev(path: Path) -> float:
+            if len(calls) == k:
+                raise _Interrupt()
+            calls.append(path)
+            return evaluate(path)
+        return ev
+
+    journal = SearchJournal(tmp_path / "search.jsonl", context="same inputs")
+    with pytest.raises(_Interrupt):
+        fallback_search(build, dies_after(5), blocks, 0.99, refine_nodes=True, journal=journal)
+    assert len(journal.scores()) == 5
+    with (tmp_path / "search.jsonl").open("a") as fh:  # a line torn by the kill
+        fh.write('{"context": "same inputs", "keep": "abc", "agr')
+    calls.clear()
+    resumed = fallback_search(build, dies_after(10**6), blocks, 0.99, refine_nodes=True, journal=journal)
+    distinct = len(journal.scores())  # node sets the search asked about (a few twice: as blocks, then as nodes)
+    assert distinct <= n_whole and len(calls) == distinct - 5  # only what the first run did not finish
+    assert (resumed.blocks, resumed.nodes, resumed.agreement) == (whole.blocks, whole.nodes, whole.agreement)
+    assert [e["agreement"] for e in resumed.evaluations] == [e["agreement"] for e in whole.evaluations]
+    assert sum(bool(e.get("from_journal")) for e in resumed.evaluations) == n_whole - len(calls)
+
+    calls.clear()
+    again = fallback_search(build, dies_after(0), blocks, 0.99, refine_nodes=True, journal=journal)
+    assert again.nodes == whole.nodes and again.path is None  # every score read back, no graph built
+    other = SearchJournal(tmp_path / "search.jsonl", context="other weights")
+    assert other.scores() == {}  # lines of another context are never trusted
+    fresh = fallback_search(build, dies_after(10**6), blocks, 0.99, refine_nodes=True, journal=other)
+    assert len(calls) == distinct and fresh.nodes == whole.nodes
+
+
 @pytest.mark.slow
 def test_fallback_keeps_the_block_with_a_planted_overflow(corridor, tmp_path):
     pytest.importorskip("torch")
@@ -85,9 +131,18 @@ def test_fallback_keeps_the_block_with_a_planted_overflow(corridor, tmp_path):
     planted = toy.plant_overflow(toy.toy_onnx(fit_images=cal), tmp_path / "planted.onnx", block=2)
     verify = VerifySet(images, db, q, positives, source)
     # overflow guard off: the fallback search alone must find the block
+    journal = tmp_path / "search.jsonl"
     result = lower_onnx(planted, tmp_path / "fp16.onnx", "fp16", verify, overflow_guard=False,
-                        target_agreement=0.99, accept_fidelity=True)
+                        target_agreement=0.99, accept_fidelity=True, journal=journal)
     fb = result.details["fallback"]
+    assert len(journal.read_text().splitlines()) == len(fb["evaluations"])
+    # the same inputs again: every score is read back; another target is another search
+    again = lower_onnx(planted, tmp_path / "fp16b.onnx", "fp16", verify, overflow_guard=False,
+                       target_agreement=0.99, accept_fidelity=True, journal=journal).details["fallback"]
+    assert again["blocks"] == [2] and all(e.get("from_journal") for e in again["evaluations"])
+    other = lower_onnx(planted, tmp_path / "fp16c.onnx", "fp16", verify, overflow_guard=False,
+                       target_agreement=0.995, accept_fidelity=True, journal=journal).details["fallback"]
+    assert not any(e.get("from_journal") for e in other["evaluations"])
     assert fb["met"] and fb["blocks"] == [2]
     assert fb["evaluations"][0]["keep_blocks"] == [] and fb["evaluations"][0]["agreement"] < 0.99
     assert len(fb["evaluations"]) <= 8  # none, all, then halving: not the 2**5 subsets

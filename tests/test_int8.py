@@ -360,3 +360,31 @@ def test_integer_products_are_exact_whatever_the_cpu(tmp_path):
     x = np.stack([np.full(k, 127.0), np.tile([127.0, -128.0], k // 2)]).astype(np.float32)
     (got,) = onnxrt.session(path).run(None, {"x": x})
     np.testing.assert_array_equal(got, x.astype(np.float64) @ w.astype(np.float64))
+
+
+def test_an_interrupted_export_resumes_its_fallback_search(corridor, tmp_path, monkeypatch):
+    """The search's scores are journalled beside the output; an export killed after its search reads them
+    all back when rerun (the same FP32 graph and inputs), and the journal goes once the artifact is written."""
+    import json
+
+    from vpr_edge.cli.main import main
+    from vpr_edge.export import artifact
+
+    out = tmp_path / "int8"
+    cmd = ["export", "--model", "anyloc-dinov2@tiny", "--weights", "random", "--verify", str(corridor),
+           "--verify-limit", "12", "--precision", "int8", "--calibration", str(corridor / "database"),
+           "--calibration-limit", "12", "--target-agreement", "1.0", "--accept-fidelity", "--quiet", "--output", str(out)]
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(artifact, "_tensorrt_check", killed)  # the step after the search
+        assert main(cmd) == 130  # Ctrl-C's exit status
+    journal = artifact.search_journal(out)
+    lines = journal.read_text().splitlines()
+    assert lines and not out.exists()
+    assert main(cmd) in (0, 4)
+    fb = json.loads((out / "manifest.json").read_text())["details"]["fallback"]
+    assert len(fb["evaluations"]) >= len(lines) and all(e.get("from_journal") for e in fb["evaluations"])
+    assert not journal.exists()

@@ -242,6 +242,9 @@ def export_artifact(
     record = table.get(options.precision)
     fp32 = table.get("fp32")
 
+    # the fallback search's scores, beside the output so an interrupted export resumes its search (the
+    # manifest keeps them once the artifact is written; then the journal goes)
+    journal = search_journal(output)
     with atomic_dir(output, force=force) as tmp:
         # a lowered artifact holds only its FP16/INT8 graph as model.onnx; FP32 is an intermediate
         onnx_path = tmp / ("model.onnx" if record.lowering is None else "model.fp32.onnx")
@@ -291,7 +294,7 @@ def export_artifact(
         final_onnx = onnx_path
         if record.lowering is not None:
             lowered = steps.run(f"lowering to {options.precision} + verifying", _lower, preset, tmp, onnx_path, side,
-                                options, writer, graph_rep, scan)
+                                options, writer, graph_rep, scan, journal)
             verification[options.precision] = {**lowered.verification, "reference": "PyTorch FP32 eager"}
             details.update(lowered.details)
             _remove_graph(onnx_path)
@@ -306,7 +309,13 @@ def export_artifact(
                                              final_onnx, vs, ref_desc, options.input, writer, details)
         details.update({"timings_s": steps.times, "peak_rss_gib": steps.peak_rss_gib})
         manifest = writer.write(final_onnx, options.precision, details, verification, final=True)
+    journal.unlink(missing_ok=True)
     return manifest
+
+
+def search_journal(output: Path) -> Path:
+    """Where the export into `output` journals its fallback search (`fallback.SearchJournal`)."""
+    return output.parent / f".{output.name}.fallback.jsonl"
 
 
 def _outlier_options(options: ExportOptions):
@@ -336,7 +345,7 @@ def _aggregation(preset: Preset, tmp: Path, side):
 
 
 def _lower(preset: Preset, tmp: Path, fp32_path: Path, side, options: ExportOptions, writer: _Writer, graph_rep: dict,
-           scan=None):
+           scan=None, journal: Path | None = None):
     """The FP16/INT8 graph of `fp32_path` as tmp/model.onnx, verified against PyTorch FP32 through the
     runtime (`run_final`), with a provisional manifest naming it so the runtime can open the folder."""
     from vpr_edge.engines.precision import calibration as C
@@ -365,7 +374,7 @@ def _lower(preset: Preset, tmp: Path, fp32_path: Path, side, options: ExportOpti
         # INT8's fallback goes on from blocks to single MatMuls (measured on the ViT-S stress model: 3.3% of the
         # MatMul FLOPs kept instead of whole blocks); FP16 keeps blocks (its islands are already node-level)
         refine_nodes=options.precision == "int8",
-        prepared=scan,
+        prepared=scan, journal=journal,
     )
     if calib_info:
         res.details["calibration_set"] = calib_info

@@ -18,6 +18,7 @@ Runtime here. A precision whose record says its arithmetic is not computed faith
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import tempfile
@@ -68,6 +69,23 @@ def _worst(reports: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return worst
 
 
+def search_context(fp32_onnx: Path, arrays: Iterable[np.ndarray | None], settings: dict[str, Any]) -> str:
+    """Digest of everything a fallback score depends on: the FP32 graph and its weights (file bytes:
+    ~10 s for ViT-G's 4.5 GB, against minutes per score), the verify images and reference, the calibration
+    images, the lowering's settings and this package's version. A journal line of another digest is
+    never read back (`fallback.SearchJournal`)."""
+    import vpr_edge
+    from vpr_edge.integrity import sha256_file
+
+    h = hashlib.sha256()
+    for f in [fp32_onnx, *G.external_data_files(fp32_onnx)]:
+        h.update(sha256_file(f).encode())
+    for a in arrays:
+        h.update(b"none" if a is None else np.ascontiguousarray(a).tobytes() + str(a.shape).encode())
+    h.update(json.dumps({**settings, "version": vpr_edge.__version__}, sort_keys=True, default=repr).encode())
+    return h.hexdigest()[:24]
+
+
 def lower_onnx(
     fp32_onnx: str | Path,
     dst_onnx: str | Path,
@@ -88,6 +106,7 @@ def lower_onnx(
     max_evals: int = 48,
     outliers: Any = None,
     prepared: Any = None,
+    journal: str | Path | None = None,
 ) -> LowerResult:
     """Write the `precision` graph of `fp32_onnx` to `dst_onnx` and verify it.
 
@@ -96,10 +115,11 @@ def lower_onnx(
     verify.images through the path users run (default: ORT + to_descriptors). calibration: INT8
     calibration images [n, 3, H, W] (default: the verify images, with a warning). outliers: INT8's
     `smoothing.OutlierOptions` (default: the lowering's own). prepared: what the lowering's prepare step
-    would compute, already computed by the caller (FP16: `fp16.scan_with_outputs`). Raises FidelityError
+    would compute, already computed by the caller (FP16: `fp16.scan_with_outputs`). journal: a file where
+    the fallback search logs each score and resumes from (`fallback.SearchJournal`). Raises FidelityError
     outside the record's gate unless accept_fidelity, which is then recorded."""
     from vpr_edge.engines.precision.emulate import save_fp16_emulation
-    from vpr_edge.engines.precision.fallback import fallback_search
+    from vpr_edge.engines.precision.fallback import SearchJournal, fallback_search
 
     record = table.get(precision)
     if record.lowering is None:
@@ -183,8 +203,19 @@ def lower_onnx(
                 units[OUTSIDE_BLOCKS] = rest
             if not blocks:
                 lowering.warnings.append("no transformer blocks found in the graph: the fallback search can only keep the whole graph")
+            book = None
+            if journal is not None:
+                settings = {"precision": precision, "calibration_method": calibration_method, "io_dtype": io_dtype,
+                            "target": target_agreement, "overflow_guard": overflow_guard, "outliers": outliers,
+                            "verify": [np.asarray(verify.db_idx).tolist(), np.asarray(verify.q_idx).tolist(),
+                                       [np.asarray(p).tolist() for p in verify.positives or []]]}
+                arrays = [verify.images, reference, calibration]
+                with timed("search journal digest"):
+                    book = SearchJournal(journal, search_context(fp32_onnx, arrays, settings))
+                log.info("fallback search: each score goes to %s as it is known; a rerun on the same inputs resumes from it",
+                         journal)
             fb = fallback_search(build, agreement, units, target_agreement, refine_nodes=refine_nodes,
-                                 node_filter=node_filter, flops=flops, max_evals=max_evals)
+                                 node_filter=node_filter, flops=flops, max_evals=max_evals, journal=book)
             keep = frozenset(fb.nodes)
             details["fallback"] = fb.to_dict()
             if not fb.met:
