@@ -51,6 +51,9 @@ def run(cmd: list[str], log: Path, done: Path | None = None) -> float:
     return dt
 
 
+STAGES = ("teacher", "cache", "maps", "train-generic", "eval")
+
+
 def link_images(files: list[Path], folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for f in files:
@@ -71,6 +74,17 @@ def main() -> int:
     ap.add_argument("--bench-limit", type=int, default=16, help="Corridor images in the final bench (default 16)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--preset", default="anyloc-dinov2", help="the teacher preset (default the ViT-G/14 one)")
+    ap.add_argument("--views", type=int, default=2, help="cached views per training frame (default 2)")
+    ap.add_argument("--student-size", default=None, metavar="HxW",
+                    help="student input size (default: the teacher's; e.g. 196x196 for a 14x14 token grid)")
+    ap.add_argument("--warmup-steps", type=int, default=30)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--spaced-heldout", action="store_true",
+                    help="also evaluate on held-out Nordland frames with an unambiguous nearest map frame")
+    ap.add_argument("--map-init", choices=("random", "generic"), default="random",
+                    help="the map-specific student starts from random weights or from the generic student")
+    ap.add_argument("--map-lr", type=float, default=3e-4, help="its peak learning rate with --map-init generic")
+    ap.add_argument("--stop-after", choices=STAGES, default=None, help="stop after this stage (resume later)")
     args = ap.parse_args()
     out = args.output.resolve()
     work = out / "artifacts"
@@ -88,15 +102,26 @@ def main() -> int:
     nl_train = link_images(train_frames, work / "nordland-train")
     nl_db = link_images(held[0::2], work / "nordland-heldout-db")
     nl_q = link_images(held[1::2], work / "nordland-heldout-queries")
+    # Held out with one clear nearest place: consecutive frames are near-duplicates, so a query between
+    # two map frames at equal distance (the interleaved split above) is a tie by construction. Here the
+    # map is every 8th frame of the route's last 15% and each query lies 3 frames after a map frame
+    # (5 before the next): the nearest map frame is unambiguous along the route.
+    tail = frames[cut:]
+    nl_sdb = link_images(tail[0::8], work / "nordland-spaced-db")
+    nl_sq = link_images(tail[3::8], work / "nordland-spaced-queries")
 
     teacher = work / "teacher-fp32"
     times["teacher export"] = run([export, "--model", args.preset, "--weights", "random", "--scope", "backbone",
                                    "--verify", str(CORRIDOR), "--verify-limit", "16", "--quiet", "--output", str(teacher)],
                                   log, teacher / "manifest.json")
+    if args.stop_after == "teacher":
+        return 0
     cache = work / "cache-nordland"
     times["teacher cache"] = run([vpr, "distill", "cache", str(nl_train), "--teacher", str(teacher), "--output",
-                                  str(cache), "--views", "2", "--batch", "4", "--shard-size", "32", *th],
+                                  str(cache), "--views", str(args.views), "--batch", "4", "--shard-size", "32", *th],
                                  log, cache / "manifest.json")
+    if args.stop_after == "cache":
+        return 0
     cmap = work / "map-corridor"
     times["corridor map (+ features)"] = run([vpr, "map", "build", str(CORRIDOR / "database"), "--model", str(teacher),
                                               "-o", str(cmap), "--keep-teacher-features", "--batch", "4", *th],
@@ -104,17 +129,30 @@ def main() -> int:
     nmap = work / "map-nordland-heldout"
     times["nordland map"] = run([vpr, "map", "build", str(nl_db), "--model", str(teacher), "-o", str(nmap),
                                  "--batch", "4", *th], log, nmap / "index.faiss")
-    common = ["--batch-size", str(args.batch_size), "--micro-batch-size", "8", "--lr", "1e-3", "--warmup-steps", "30",
-              "--checkpoint-every", "25", "--ema-decay", "0.99", *th, "--quiet"]
+    smap = work / "map-nordland-spaced"
+    if args.spaced_heldout:
+        times["nordland spaced map"] = run([vpr, "map", "build", str(nl_sdb), "--model", str(teacher), "-o", str(smap),
+                                            "--batch", "4", *th], log, smap / "index.faiss")
+    if args.stop_after == "maps":
+        return 0
+    common = ["--batch-size", str(args.batch_size), "--micro-batch-size", "8", "--lr", "1e-3",
+              "--warmup-steps", str(args.warmup_steps), "--checkpoint-every", "25", "--ema-decay", "0.99", *th, "--quiet"]
+    if args.student_size:
+        common += ["--student-size", args.student_size]
     generic = work / "run-generic"
     times["train generic"] = run([vpr, "distill", "train", "--cache", str(cache), "--output", str(generic),
-                                  "--steps", str(args.steps), "--eval-every", "50", "--heldout-fraction", "0.05", *common]
+                                  "--steps", str(args.steps), "--eval-every", str(args.eval_every), "--heldout-fraction", "0.05", *common]
                                  + (["--resume"] if (generic / "config.json").exists() else []),
                                  log, generic / "student.pt")
+    if args.stop_after == "train-generic":
+        return 0
     mapstudent = work / "run-map-specific"
+    # map-specific: from random init, or fine-tuned from the generic student (--map-init generic)
+    tune = ["--student-weights", str(generic), "--lr", str(args.map_lr), "--warmup-steps", "10"] \
+        if args.map_init == "generic" else []
     times["train map-specific"] = run([vpr, "distill", "train", "--cache", str(cmap), "--output", str(mapstudent),
                                        "--steps", str(args.map_steps), "--eval-every", "50", "--heldout-fraction", "0.1",
-                                       *common] + (["--resume"] if (mapstudent / "config.json").exists() else []),
+                                       *common, *tune] + (["--resume"] if (mapstudent / "config.json").exists() else []),
                                       log, mapstudent / "student.pt")
     ev_c, ev_n = out / "eval-corridor", out / "eval-nordland"
     times["eval corridor"] = run([vpr, "distill", "eval", str(generic), str(mapstudent), "--teacher", str(teacher),
@@ -123,6 +161,13 @@ def main() -> int:
     times["eval nordland"] = run([vpr, "distill", "eval", str(generic), "--teacher", str(teacher), "--map", str(nmap),
                                   "--images", str(nl_q), "--latency-runs", "5", *th, "--quiet", "--output", str(ev_n)],
                                  log, ev_n / "eval.json")
+    if args.spaced_heldout:
+        ev_s = out / "eval-nordland-spaced"
+        times["eval nordland spaced"] = run([vpr, "distill", "eval", str(generic), "--teacher", str(teacher), "--map",
+                                             str(smap), "--images", str(nl_sq), "--latency-runs", "3", *th, "--quiet",
+                                             "--output", str(ev_s)], log, ev_s / "eval.json")
+    if args.stop_after == "eval":
+        return 0
     s32, s8 = work / "student-fp32", work / "student-int8"
     times["student fp32 export"] = run([export, "--model", f"student:{generic}", "--verify", str(CORRIDOR),
                                         "--verify-limit", "32", "--quiet", "--output", str(s32)], log, s32 / "manifest.json")

@@ -187,6 +187,50 @@ def test_bad_runs_are_refused_before_anything_is_written(tmp_path, cache6):
         TrainConfig.load(bad)
 
 
+def test_a_student_starts_from_another_runs_student(tmp_path, cache6):
+    # fine-tuning (a map-specific student from a generic one): the new run starts at the old run's student
+    base = _tiny(steps=12)
+    first = tmp_path / "generic"
+    train(base, cache6, first, progress=False)
+    cfg = _tiny(steps=3, student=StudentConfig(tiny=True, weights=str(first)))
+    from vpr_edge.distill.cache import open_cache as oc
+    from vpr_edge.models.student import build_student
+
+    c = oc(cache6)
+    resolved = cfg.student.for_teacher(c.feature_dim, c.grid, c.preprocess.image_size)
+    start = build_student(resolved, c.head_module()).backbone.state_dict()
+    trained = load_student(first).backbone.state_dict()
+    assert start.keys() == trained.keys()
+    for k in start:
+        torch.testing.assert_close(start[k], trained[k], atol=0, rtol=0, msg=k)
+    tuned = tmp_path / "tuned"
+    train(cfg, cache6, tuned, progress=False)
+    rec = json.loads((tuned / "config.json").read_text())
+    from vpr_edge.integrity import file_sha256
+
+    assert rec["init"] == {"run": str(first.resolve()), "student_pt_sha256": file_sha256(first / "student.pt")}
+    assert json.loads((first / "config.json").read_text())["init"] is None
+    # it continues where the first run ended, far below a fresh student's first loss
+    assert _losses(tuned)[0, 0] < 0.8 * _losses(first)[0, 0]
+    # refusals, one line each, nothing written: another input size, another teacher's student, not a run
+    with pytest.raises(ConfigError, match=rf"{first}: its student differs from the one asked for \(image_size"):
+        train(_tiny(student=StudentConfig(tiny=True, weights=str(first), image_size=(84, 112))), cache6,
+              tmp_path / "x1", progress=False)
+    other = tmp_path / "other-teacher"
+    other.mkdir()
+    for f in ("student.pt", "student.json"):
+        (other / f).write_bytes((first / f).read_bytes())
+    meta = json.loads((other / "student.json").read_text())
+    meta["teacher"]["space"]["weights"] = "random:seed=9"
+    (other / "student.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=r"the student of .*other-teacher and run .*'s teacher are in different "
+                                            r"descriptor spaces \(weights random:seed=9 vs random:seed=0\)"):
+        train(_tiny(student=StudentConfig(tiny=True, weights=str(other))), cache6, tmp_path / "x2", progress=False)
+    with pytest.raises(ArtifactError, match=rf"{tmp_path}/student.json not found"):
+        train(_tiny(student=StudentConfig(tiny=True, weights=str(tmp_path))), cache6, tmp_path / "x3", progress=False)
+    assert not any((tmp_path / n).exists() for n in ("x1", "x2", "x3"))
+
+
 def test_bf16_autocast_trains(tmp_path, cache6):
     res = train(_tiny(steps=2, amp="bf16"), cache6, tmp_path / "run", progress=False)
     assert res.complete and np.isfinite(_losses(tmp_path / "run")).all()

@@ -67,6 +67,7 @@ class BenchConfig:
     preprocess: str | None = None  # 'exact' | 'fast' (None: the artifact's default)
     workers: int | None = None  # preprocessing threads
     ort_graph: str = "auto"  # ONNX Runtime variants: 'auto' | 'portable' (per variant: NAME@portable=DIR)
+    spin: str = "auto"  # ONNX Runtime threads between ops: 'auto' | 'on' | 'off' (runtime.pipeline.spin_for)
 
     def check(self) -> None:
         if not self.batches or min(self.batches) < 1:
@@ -237,6 +238,7 @@ def bench_variant(cfg: BenchConfig, spec: VariantSpec, sub: Subset, ref: dict | 
         v: OpenedVariant = open_variant(
             spec, backend=cfg.backend, providers=cfg.providers, threads=cfg.threads, weights=cfg.weights,
             device=cfg.device, preprocess=cfg.preprocess, workers=cfg.workers, ort_graph=cfg.ort_graph,
+            spin=cfg.spin,
         )
         load_s = time.perf_counter() - t0
         try:

@@ -138,6 +138,7 @@ def open_variant(
     preprocess: str | None = None,
     workers: int | None = None,
     ort_graph: str = "auto",
+    spin: str = "auto",
 ) -> OpenedVariant:
     """A Describer for the variant: the artifact on its backend, or (PyTorch variants) the reference rebuilt
     from the artifact's manifest as the runtime's 'torch' backend, fed the same preprocessing."""
@@ -152,7 +153,7 @@ def open_variant(
     providers = spec.options.get("providers", providers)
     d = Describer.from_artifact(spec.path, backend=backend, providers=providers, threads=threads,
                                 preprocess=preprocess, workers=workers,
-                                ort_graph=spec.options.get("ort_graph", ort_graph))
+                                ort_graph=spec.options.get("ort_graph", ort_graph), spin=spin)
     art = d.artifact
     be = d.backend.describe() if hasattr(d.backend, "describe") else {}
     info = {

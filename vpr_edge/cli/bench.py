@@ -202,6 +202,7 @@ def _run_dataset(args: argparse.Namespace) -> int:
         preprocess=args.preprocess,
         workers=args.workers,
         ort_graph=args.ort_graph,
+        spin=args.ort_spin,
     )
     cfg.check()
     _set_threads(args.threads, torch_too=args.pytorch is not None)

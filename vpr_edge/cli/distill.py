@@ -50,8 +50,9 @@ def register(sub) -> argparse.ArgumentParser:
     t.add_argument("--config", type=Path, default=None, metavar="JSON",
                    help="TrainConfig fields as JSON (a run's config.json works); options below override it")
     t.add_argument("--student", default=None, metavar="ARCH", help="vits14 (default), vitb14, vitl14")
-    t.add_argument("--student-weights", default=None, metavar="auto|PATH|random",
-                   help="the student's start: auto = the official dinov2 checkpoint (hub cache), PATH, or random")
+    t.add_argument("--student-weights", default=None, metavar="auto|PATH|RUN|random",
+                   help="the student's start: auto = the official dinov2 checkpoint (hub cache), PATH, a distillation "
+                        "RUN folder of this teacher (fine-tune its student, e.g. on a map's own images), or random")
     t.add_argument("--block", type=int, default=None, help="student block whose tokens are used (default: the last)")
     t.add_argument("--student-size", type=image_size, default=None, metavar="HxW", help="student input (default: teacher's)")
     t.add_argument("--tiny", action="store_true", default=None, help="the student architecture at toy size (tests)")
@@ -142,7 +143,10 @@ def _train_config(args):
     from vpr_edge.distill.config import TrainConfig
 
     cfg = TrainConfig.load(args.config) if args.config else TrainConfig()
-    student = {k: v for k, v in {"arch": args.student, "weights": args.student_weights, "block": args.block,
+    weights = args.student_weights
+    if weights not in (None, "auto", "random", "random-outliers"):
+        weights = str(Path(weights).resolve())  # recorded in the run: resumable from any working directory
+    student = {k: v for k, v in {"arch": args.student, "weights": weights, "block": args.block,
                                  "image_size": args.student_size, "tiny": args.tiny}.items() if v is not None}
     if student:
         cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, **student))

@@ -42,7 +42,7 @@ from vpr_edge.distill.evaluate import evaluate
 from vpr_edge.distill.losses import distill_losses
 from vpr_edge.distill.optim import Ema, WarmupCosine, param_groups
 from vpr_edge.distill.records import CURVES, EVAL, METRICS, CsvLog, plot_curves
-from vpr_edge.models.student import STUDENT_PT, Student, StudentConfig, build_student, check_grids
+from vpr_edge.models.student import STUDENT_PT, Student, StudentConfig, build_student, check_grids, names_run
 from vpr_edge.errors import ArtifactError, ConfigError
 from vpr_edge.lazy import lazy_import
 
@@ -122,7 +122,25 @@ def _spread(items: np.ndarray, limit: int) -> np.ndarray:
     return items[evenly_spaced(len(items), limit)]
 
 
-def _run_record(config: TrainConfig, cache: TeacherCache, student: StudentConfig, sp: D.Split) -> dict[str, Any]:
+def _init_run(student: StudentConfig, cache: TeacherCache, where: str) -> dict[str, Any] | None:
+    """For a student that starts from a distillation run: that run's student.pt (sha256) after checking it was
+    distilled into this cache's teacher space; None for other weights."""
+    if not names_run(student.weights):
+        return None
+    from vpr_edge.integrity import file_sha256
+    from vpr_edge.models.student import check_run_student, read_student_record
+    from vpr_edge.space import require_same
+
+    meta_path, record = read_student_record(student.weights)
+    check_run_student(student, record, student.weights)
+    require_same(record["teacher"]["space"], cache.space, have_name=f"the student of {meta_path.parent}",
+                 want_name=f"{where}'s teacher", fix="start from a student distilled from this teacher")
+    pt = meta_path.parent / STUDENT_PT
+    return {"run": str(meta_path.parent.resolve()), "student_pt_sha256": file_sha256(pt) if pt.exists() else None}
+
+
+def _run_record(config: TrainConfig, cache: TeacherCache, student: StudentConfig, sp: D.Split,
+                init: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "format": RUN_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -132,6 +150,7 @@ def _run_record(config: TrainConfig, cache: TeacherCache, student: StudentConfig
         "cache": {"path": str(cache.path.resolve()), "fingerprint": cache.fingerprint, "items": len(cache),
                   "teacher_space": cache.space, "teacher_identity": cache.identity},
         "split": sp.describe(),
+        "init": init,  # the run whose student this one started from (fine-tuning), else None
         "argv": list(sys.argv),
         "versions": _versions(),
     }
@@ -215,6 +234,7 @@ def _train(
     scfg = config.student.for_teacher(cache.feature_dim, cache.grid, cache.preprocess.image_size, where=where)
     check_grids(scfg, cache.preprocess.image_size, where=where)
     config.losses.check_head(cache.head["kind"], where=where)
+    init = _init_run(scfg, cache, where)
     accumulation = config.accumulation(dist.world)
     sp = D.split(cache, config.heldout_fraction)
     if len(sp.train_items) == 0:
@@ -225,7 +245,7 @@ def _train(
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not continuing:
-            write_json(run_dir / CONFIG, _run_record(config, cache, scfg, sp))
+            write_json(run_dir / CONFIG, _run_record(config, cache, scfg, sp, init))
 
     # -- model, optimiser, schedule, EMA ------------------------------------------------------
     build_cfg = dataclasses.replace(scfg, weights="random") if ckpts else scfg  # a checkpoint overwrites them

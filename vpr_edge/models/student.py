@@ -64,7 +64,9 @@ class StudentConfig:
     teacher_grid: tuple[int, int] | None = None  # teacher token grid (16x16 for ViT-G/14 at 224)
     align: str = "bilinear"  # 'bilinear': resample the token map to the teacher grid; 'none': refuse a mismatch
     proj_hidden: int = 0  # 0: Linear projection; > 0: Linear-GELU-Linear with this hidden width
-    weights: str = "random"  # 'random' (seeded) | 'auto' (official checkpoint) | PATH (official key layout)
+    # 'random' (seeded) | 'auto' (official checkpoint) | PATH (official key layout) | a distillation RUN folder
+    # (its student.pt: ViT, norm and projection; fine-tuning, e.g. a map-specific student from a generic one)
+    weights: str = "random"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -273,7 +275,38 @@ def build_student(config: StudentConfig, head: nn.Module) -> Student:
     want = getattr(pool, "dim", None)
     if want is not None and want != config.teacher_dim:
         raise ConfigError(f"the teacher head works on {want}-d features, the student config says {config.teacher_dim}")
-    return Student(StudentBackbone(config, build_vit(config)), head)
+    if not names_run(config.weights):
+        return Student(StudentBackbone(config, build_vit(config)), head)
+    _, record = read_student_record(config.weights)
+    check_run_student(config, record, config.weights)
+    state = {k: v.clone() for k, v in load_student(config.weights).backbone.state_dict().items()}
+    student = Student(StudentBackbone(config, build_vit(dataclasses.replace(config, weights="random"))), head)
+    student.backbone.load_state_dict(state, strict=True)
+    return student
+
+
+# What fixes the shapes of a student's weights: a run started from another run must agree on these.
+SHAPE_FIELDS = ("arch", "tiny", "block_index", "image_size", "teacher_dim", "teacher_grid", "proj_hidden")
+
+
+def names_run(weights: str) -> bool:
+    """True when a weights argument names a folder (a distillation run), not 'random'/'auto'/a checkpoint file."""
+    from pathlib import Path
+
+    return weights not in ("random", "auto") and Path(weights).is_dir()
+
+
+def check_run_student(config: StudentConfig, record: dict, run) -> None:
+    """Refuse (one line) to start `config` from the student of `run` unless its architecture, block, input and
+    projection are `config`'s: only then do its weights (ViT, norm, projection) fit."""
+    have = StudentConfig.from_dict(record["student"])
+    diff = [f"{f} {getattr(have, f)!r} vs {getattr(config, f)!r}" for f in SHAPE_FIELDS
+            if getattr(have, f) != getattr(config, f)]
+    if diff:
+        raise ConfigError(
+            f"{run}: its student differs from the one asked for ({'; '.join(diff)}); start from a run with the same "
+            "arch, block, input size and projection, or from --student-weights random|auto|PATH"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

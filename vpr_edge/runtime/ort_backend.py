@@ -15,9 +15,19 @@ import numpy as np
 from vpr_edge import onnxrt
 from vpr_edge.errors import ArtifactError, ConfigError
 from vpr_edge.lazy import lazy_import
-from vpr_edge.runtime.backends import ORT_GRAPHS
+from vpr_edge.runtime.backends import ORT_GRAPHS, SPIN
 
 resolve_providers = onnxrt.resolve_providers  # the runtime's public name for it
+
+
+def _spin(choice: str | bool | None) -> bool | None:
+    """BackendOptions.spin -> onnxrt.session's spin: True/False, or None for ORT's default ('auto' left
+    unresolved by a caller that is not a Describer)."""
+    if isinstance(choice, bool) or choice is None:
+        return choice
+    if choice not in SPIN:
+        raise ConfigError(f"spin must be one of {', '.join(SPIN)}, got {choice!r}")
+    return {"on": True, "off": False}.get(choice)
 
 
 def graph_for(art: Any, options) -> Path:
@@ -45,6 +55,7 @@ class OrtBackend:
         threads: int | None = None,
         io_dtype: str = "float32",
         prepack: bool = True,
+        spin: bool | None = None,
     ) -> None:
         ort = lazy_import("onnxruntime")
         if io_dtype not in ("float16", "float32"):
@@ -52,7 +63,8 @@ class OrtBackend:
         self.path = Path(model_path)
         self.graph = "portable"
         self.providers = onnxrt.resolve_providers(providers, ort.get_available_providers())
-        self.session = onnxrt.session(self.path, providers=self.providers, threads=threads, prepack=prepack)
+        self.spin = spin
+        self.session = onnxrt.session(self.path, providers=self.providers, threads=threads, prepack=prepack, spin=spin)
         inputs = self.session.get_inputs()
         outputs = self.session.get_outputs()
         if len(inputs) != 1:
@@ -76,7 +88,7 @@ class OrtBackend:
     @classmethod
     def for_artifact(cls, art: Any, options) -> "OrtBackend":
         be = cls(graph_for(art, options), providers=options.providers, threads=options.threads,
-                 io_dtype=art.io_dtype, prepack=options.prepack)
+                 io_dtype=art.io_dtype, prepack=options.prepack, spin=_spin(options.spin))
         be.graph = "fused attention" if be.path.name != art.file("onnx").name else "portable"
         return be
 
@@ -97,4 +109,5 @@ class OrtBackend:
         self.close()
 
     def describe(self) -> dict:
-        return {"backend": "ort", "providers": list(self.providers), "model": str(self.path), "graph": self.graph}
+        return {"backend": "ort", "providers": list(self.providers), "model": str(self.path), "graph": self.graph,
+                "spin": {None: "default", True: "on", False: "off"}[self.spin]}
