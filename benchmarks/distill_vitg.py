@@ -1,6 +1,13 @@
 """A ViT-S/14 student of the ViT-G/14 AnyLoc teacher, end to end on this machine (random weights).
 
     python benchmarks/distill_vitg.py --output benchmarks/results/distill_vitg [--steps 400] [--images 320]
+    python benchmarks/distill_vitg.py --preset anyloc-dinov2-vitl14 --student-size 196x196 --images 1000 \
+        --spaced-heldout --map-init generic --output benchmarks/results/distill_vitl   # a smaller teacher, longer run
+
+--preset picks a smaller AnyLoc teacher of the same family where the CPU cannot afford a long ViT-G run
+(the teacher cache is the teacher's cost; the student's training costs the same whatever the teacher);
+--student-size gives the student its own input (its token grid is aligned to the teacher's bilinearly);
+--stop-after ends after a stage (a later call continues: finished steps are skipped).
 
 Every step is a `vpr-edge` / `vpr-export` command (written to commands.txt with its wall time) and is
 skipped when its output exists, so a killed run continues where it stopped:
