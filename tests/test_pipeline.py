@@ -324,25 +324,23 @@ def test_fp32_export_rewrites_are_recorded_and_exact():
     assert m.verification["fp32"]["report"]["rel_err"] < 1e-5 and m.verification["fp32"]["passed"]
 
 
-def test_ort_threads_spin_unless_the_preprocessing_pool_needs_their_cores(toy, queries, monkeypatch):
+def test_ort_threads_spin_or_sleep_as_asked(toy, queries):
     from vpr_edge import onnxrt
-    from vpr_edge.runtime import pipeline
+    from vpr_edge.errors import ConfigError
+    from vpr_edge.runtime.backends import BackendOptions
     from vpr_edge.runtime.describer import Describer
 
-    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 8)
-    assert pipeline.spin_for("auto", 8, 1) == "off"  # 8 ORT threads + 1 decoder on 8 cores
-    assert pipeline.spin_for("auto", None, 2) == "off"  # ORT's default: a thread per core
-    assert pipeline.spin_for("auto", 4, 2) == "on"  # room for both
-    assert pipeline.spin_for("auto", 8, 0) == "on"  # no pool: nothing to make room for
-    assert pipeline.spin_for("on", 8, 4) == "on" and pipeline.spin_for("off", 1, 0) == "off"
-    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)
-    seen = {}
-    for choice, threads, workers, want in (("auto", 2, 1, "0"), ("auto", 1, 1, "1"), ("on", 2, 1, "1"), ("off", 1, 0, "0")):
-        with Describer.from_artifact(toy, threads=threads, workers=workers, spin=choice) as d:
+    out = {}
+    for choice, entry in (("on", ""), ("off", "0")):  # 'on' leaves ORT's default (spinning) untouched
+        with Describer.from_artifact(toy, threads=2, workers=1, spin=choice) as d:
             opts = d.backend.session.get_session_options()
-            seen[choice, threads] = opts.get_session_config_entry(onnxrt.ALLOW_SPINNING)
-            assert seen[choice, threads] == want, (choice, threads, workers)
-            assert d.backend.describe()["spin"] == {"0": "off", "1": "on"}[want]
-            ref = d.describe(queries[:3], batch=1)
-        with Describer.from_artifact(toy, threads=threads, workers=workers, spin="on") as d2:
-            np.testing.assert_array_equal(d2.describe(queries[:3], batch=1), ref)  # a scheduling choice only
+            try:
+                got = opts.get_session_config_entry(onnxrt.ALLOW_SPINNING)
+            except Exception:  # noqa: BLE001 - ORT's untyped "does not have configuration with key"
+                got = ""
+            assert got == entry, choice
+            assert d.backend.describe()["spin"] == choice
+            out[choice] = d.describe(queries[:3], batch=1)
+    np.testing.assert_array_equal(out["on"], out["off"])  # a scheduling choice only
+    with pytest.raises(ConfigError, match="spin must be one of on, off, got 'sometimes'"):
+        Describer.from_artifact(toy, options=BackendOptions(spin="sometimes"))

@@ -101,7 +101,7 @@ def session(
     spin: False keeps ORT's intra-op threads from spinning while they wait for work between ops
     (`session.intra_op.allow_spinning` = 0); None leaves ORT's default (spinning). Spinning cuts the wake-up
     time of each op, but spinning threads hold cores that preprocessing threads running beside the session
-    need (`BackendOptions.spin` decides it for the runtime)."""
+    need (`BackendOptions.spin` for the runtime)."""
     ort = lazy_import("onnxruntime")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: warnings about unused initialisers are noise here

@@ -67,7 +67,7 @@ class BenchConfig:
     preprocess: str | None = None  # 'exact' | 'fast' (None: the artifact's default)
     workers: int | None = None  # preprocessing threads
     ort_graph: str = "auto"  # ONNX Runtime variants: 'auto' | 'portable' (per variant: NAME@portable=DIR)
-    spin: str = "auto"  # ONNX Runtime threads between ops: 'auto' | 'on' | 'off' (runtime.pipeline.spin_for)
+    spin: str = "on"  # ONNX Runtime threads between ops: 'on' (spin, ORT's default) | 'off' (sleep)
 
     def check(self) -> None:
         if not self.batches or min(self.batches) < 1:

@@ -138,7 +138,7 @@ def open_variant(
     preprocess: str | None = None,
     workers: int | None = None,
     ort_graph: str = "auto",
-    spin: str = "auto",
+    spin: str = "on",
 ) -> OpenedVariant:
     """A Describer for the variant: the artifact on its backend, or (PyTorch variants) the reference rebuilt
     from the artifact's manifest as the runtime's 'torch' backend, fed the same preprocessing."""

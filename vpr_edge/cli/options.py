@@ -121,9 +121,9 @@ def add_runtime(p: argparse.ArgumentParser, *, model: str | None = "required", b
     g.add_argument("--ort-graph", choices=ORT_GRAPHS, default="auto",
                    help="ONNX Runtime: auto (default) runs the artifact's fused-attention graph (model.ort.onnx) "
                         "where it has one, except on the TensorRT EP; portable: the standard-ops model.onnx")
-    g.add_argument("--ort-spin", choices=SPIN, default="auto",
-                   help="ONNX Runtime: let its threads spin between ops (on) or sleep (off); auto (default): off when "
-                        "its threads and the preprocessing workers together ask for more than the cores")
+    g.add_argument("--ort-spin", choices=SPIN, default="on",
+                   help="ONNX Runtime: its threads spin between ops (on, ORT's default) or sleep (off), which may leave "
+                        "the preprocessing threads more of a small CPU (benchmarks/results/ort_spin)")
     g.add_argument("--preprocess", choices=("exact", "fast"), default=None,
                    help="exact (default for float-input artifacts): the reference's float resize; fast: JPEG draft "
                         "decoding + uint8 resize, for camera frames (fidelity: benchmarks/results/preprocess); "
@@ -149,7 +149,7 @@ def describer_kwargs(args: argparse.Namespace) -> dict:
         "threads": getattr(args, "threads", None),
         "cuda_graph": bool(getattr(args, "cuda_graph", False)),
         "ort_graph": getattr(args, "ort_graph", None) or "auto",
-        "spin": getattr(args, "ort_spin", None) or "auto",
+        "spin": getattr(args, "ort_spin", None) or "on",
         "verify": not getattr(args, "no_verify", False),
         "preprocess": getattr(args, "preprocess", None),
         "workers": getattr(args, "workers", None),

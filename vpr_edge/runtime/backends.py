@@ -49,8 +49,8 @@ class BackendOptions:
     prepack: bool = True  # ort: prepack weights (False: ~1x the weights resident, for verification runs)
     ort_graph: str = "auto"  # ort: 'auto' (the artifact's fused-attention graph where it has one, not on the
     # TensorRT EP) or 'portable' (the standard-ops model.onnx TensorRT builds from)
-    spin: str = "auto"  # ort: intra-op threads spin between ops: 'on', 'off', or 'auto' (the Describer decides:
-    # `pipeline.spin_for`, off when its preprocessing threads need the cores ORT's threads would spin on)
+    spin: str = "on"  # ort: intra-op threads spin between ops ('on': ORT's default) or sleep ('off'); measured on
+    # 2 cores beside the preprocessing pool: no consistent difference (benchmarks/results/ort_spin)
     cuda_graph: bool = False  # trt: replay the engine as a CUDA graph
     device: int | str = 0  # trt: CUDA device index; torch: 'cpu', 'cuda', 'cuda:1'
     environment: dict | None = None  # trt: the machine description (default: detected)
@@ -68,7 +68,7 @@ DEFAULT_FOR_KIND = {"onnx": "ort", "engine": "trt"}
 
 
 ORT_GRAPHS = ("auto", "portable")
-SPIN = ("auto", "on", "off")
+SPIN = ("on", "off")
 
 
 def names() -> tuple[str, ...]:

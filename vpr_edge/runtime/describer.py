@@ -5,7 +5,6 @@ backend is asked for."""
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from vpr_edge.runtime.aggregate import Aggregation
 from vpr_edge.runtime import backends
 from vpr_edge.runtime.backends import BackendOptions, open_backend
 from vpr_edge.runtime import memory
-from vpr_edge.runtime.pipeline import prefetch, spin_for
+from vpr_edge.runtime.pipeline import prefetch
 
 STAGES = ("preprocess", "backbone", "aggregation")  # summed seconds; preprocess across its threads
 BACKENDS = backends.names()
@@ -139,13 +138,13 @@ class Describer:
         channels: str = "rgb",
         workers: int | None = None,
         ort_graph: str = "auto",
-        spin: str = "auto",
+        spin: str = "on",
     ) -> "Describer":
         """`verify=False` skips the file hashes (sizes are still checked); `options` overrides the
         individual backend arguments; `preprocess` 'exact' | 'fast' (default: exact, fast for uint8-input
         artifacts); `channels` of camera arrays ('rgb' | 'bgr'); `workers` preprocessing threads; `ort_graph`
-        'auto' | 'portable' (`BackendOptions.ort_graph`); `spin` of ONNX Runtime's threads 'auto' | 'on' | 'off'
-        ('auto': `pipeline.spin_for` decides from the cores, threads and workers)."""
+        'auto' | 'portable' (`BackendOptions.ort_graph`); `spin`: ONNX Runtime's threads spin between ops ('on',
+        ORT's default) or sleep ('off'; `BackendOptions.spin`)."""
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
         art = load_artifact(path, verify=verify)
@@ -154,7 +153,6 @@ class Describer:
             providers=tuple(providers) if providers else None, threads=threads, cuda_graph=cuda_graph, device=device,
             ort_graph=ort_graph, spin=spin,
         )
-        opts = dataclasses.replace(opts, spin=spin_for(opts.spin, opts.threads, workers))
         be = open_backend(art, backend, opts)
         try:
             aggregation = None

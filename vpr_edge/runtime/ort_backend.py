@@ -20,14 +20,11 @@ from vpr_edge.runtime.backends import ORT_GRAPHS, SPIN
 resolve_providers = onnxrt.resolve_providers  # the runtime's public name for it
 
 
-def _spin(choice: str | bool | None) -> bool | None:
-    """BackendOptions.spin -> onnxrt.session's spin: True/False, or None for ORT's default ('auto' left
-    unresolved by a caller that is not a Describer)."""
-    if isinstance(choice, bool) or choice is None:
-        return choice
+def _spin(choice: str) -> bool | None:
+    """BackendOptions.spin -> onnxrt.session's spin: None (ORT's default, which spins) for 'on', False for 'off'."""
     if choice not in SPIN:
         raise ConfigError(f"spin must be one of {', '.join(SPIN)}, got {choice!r}")
-    return {"on": True, "off": False}.get(choice)
+    return None if choice == "on" else False
 
 
 def graph_for(art: Any, options) -> Path:
@@ -110,4 +107,4 @@ class OrtBackend:
 
     def describe(self) -> dict:
         return {"backend": "ort", "providers": list(self.providers), "model": str(self.path), "graph": self.graph,
-                "spin": {None: "default", True: "on", False: "off"}[self.spin]}
+                "spin": "off" if self.spin is False else "on"}

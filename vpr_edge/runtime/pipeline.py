@@ -24,20 +24,6 @@ def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
-def spin_for(choice: str, threads: int | None, workers: int | None) -> str:
-    """'on' | 'off' for the backend's ONNX Runtime threads beside `workers` preprocessing threads.
-
-    ORT's intra-op threads spin between ops (ORT's default): each op starts without a wake-up, but a spinning
-    thread keeps its core busy while the pool decodes the next frames. 'auto' turns spinning off when ORT's
-    threads (`threads`, default one per core) and the pool's together ask for more than the machine's cores,
-    so decoding runs in the gaps instead of fighting for them (measured: benchmarks/results/ort_spin)."""
-    if choice != "auto":
-        return choice
-    cores = os.cpu_count() or 1
-    pool = default_workers() if workers is None else workers
-    return "off" if pool > 0 and (threads or cores) + pool > cores else "on"
-
-
 @dataclass
 class Prefetched:
     index: int
