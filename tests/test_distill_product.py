@@ -72,6 +72,43 @@ def test_a_student_exports_through_the_precision_gates(product, corridor, precis
     assert m.details["tensorrt_check"]["ok"]
 
 
+def test_a_student_at_another_input_size_exports_with_its_token_alignment(product, corridor, tmp_path, capsys):
+    # 84x112 input: a 6x8 token grid, aligned bilinearly to the teacher's 8x11 grid by a Resize of activations
+    root, teacher, cache, _ = product
+    run = tmp_path / "run"
+    assert main(["distill", "train", "--cache", str(cache), "--output", str(run), "--tiny", "--student-size", "84x112",
+                 "--steps", "4", "--batch-size", "4", "--micro-batch-size", "4", "--warmup-steps", "1",
+                 "--threads", "2", "--quiet"]) == 0
+    for precision in ("fp32", "int8"):
+        out = tmp_path / precision
+        rc = main(["export", "--quiet", "--model", f"student:{run}", "--precision", precision, "--verify", str(corridor),
+                   "--verify-limit", "16", "--accept-fidelity", "--output", str(out)])
+        assert rc == 0, capsys.readouterr().err
+        m = Manifest.load(out)
+        assert m.preset["preprocess"]["image_size"] == [84, 112] and m.space == Manifest.load(teacher).space
+        assert m.details["graph"]["ops"].get("Resize") == 1 and m.details["tensorrt_check"]["ok"]
+        if precision == "fp32":
+            assert m.verification["fp32"]["passed"]
+    # a Resize of a constant (a position table resampled at run time) is still refused
+    import onnx
+    from onnx import TensorProto, helper as h
+
+    from vpr_edge.export.artifact import _graph_report
+    from vpr_edge import presets
+
+    table = h.make_tensor("pos", TensorProto.FLOAT, [1, 4, 2, 2], np.ones(16, np.float32))
+    scales = h.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 2, 2])
+    g = h.make_graph([h.make_node("Resize", ["pos", "", "scales"], ["pos2"], name="pos_resize", mode="linear"),
+                      h.make_node("Add", ["images", "pos2"], ["features"], name="add")], "g",
+                     [h.make_tensor_value_info("images", TensorProto.FLOAT, [1, 4, 4, 4])],
+                     [h.make_tensor_value_info("features", TensorProto.FLOAT, [1, 4, 4, 4])], [table, scales])
+    bad = tmp_path / "bad.onnx"
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]), bad)
+    with pytest.raises(ArtifactError, match=r"bad.onnx: graph resizes a constant \(pos_resize\); the position "
+                                            r"embedding must be precomputed"):
+        _graph_report(presets.get(TEACHER), bad)
+
+
 def test_distill_eval_compares_the_student_with_its_teacher(product, corridor, tmp_path, capsys):
     root, teacher, _, run = product
     out = tmp_path / "eval"
@@ -142,6 +179,12 @@ def test_a_map_specific_student_is_distilled_from_the_maps_own_features(product,
     assert main(["distill", "train", "--cache", str(mp), "--output", str(run), "--tiny", "--steps", "6",
                  "--batch-size", "4", "--micro-batch-size", "4", "--warmup-steps", "1", "--eval-every", "3",
                  "--checkpoint-every", "3", "--threads", "2", "--quiet"]) == 0
+    # the map-specific student fine-tuned from the generic one (the CLI records where it started)
+    tuned = tmp_path / "map-tuned"
+    assert main(["distill", "train", "--cache", str(mp), "--output", str(tuned), "--tiny", "--student-weights",
+                 str(generic), "--steps", "2", "--batch-size", "4", "--micro-batch-size", "4", "--warmup-steps", "1",
+                 "--threads", "2", "--quiet"]) == 0
+    assert json.loads((tuned / "config.json").read_text())["init"]["run"] == str(generic.resolve())
     out = tmp_path / "eval"
     assert main(["distill", "eval", str(generic), str(run), "--teacher", str(teacher), "--map", str(mp),
                  "--images", str(corridor), "--limit", "6", "--latency-runs", "1", "--quiet", "--output", str(out)]) == 0

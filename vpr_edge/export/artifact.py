@@ -114,8 +114,13 @@ def _graph_report(preset: Preset, onnx_path: Path) -> dict:
         "ops": dict(sorted(ops.items())),
         "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None),
     }
-    if "Resize" in ops or "Upsample" in ops:
-        raise ArtifactError(f"{onnx_path}: graph contains a Resize; the position embedding must be precomputed")
+    # A Resize of a constant is a position table resampled at run time (it must be precomputed for the fixed
+    # size); a Resize of activations is a computation (a student's token alignment to its teacher's grid).
+    index = graph.GraphIndex.of(model)
+    constant = [n.name for n in index.nodes.values() if n.op_type in ("Resize", "Upsample") and index.is_constant(n.input[0])]
+    if constant:
+        raise ArtifactError(f"{onnx_path}: graph resizes a constant ({constant[0]}); the position embedding must be "
+                            "precomputed for the fixed input size")
     if preset.facet is not None and preset.method != "student":  # a student computes all its blocks + projection
         L = preset.facet.layer
         facet = graph.facet_ops(model)
