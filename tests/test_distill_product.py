@@ -119,6 +119,18 @@ def test_distill_eval_compares_the_student_with_its_teacher(product, corridor, t
     assert -1 <= s["cos_mean"] <= 1 and 0 <= s["top1_agreement"] <= 1 and 0 <= s["assignment_agreement"] <= 1
     assert s["gflops"] > 0 and rep["results"]["teacher"]["gflops"] > 0 and "R@1" in s
     assert {"eval.md", "cosine.png", "recall.png"} <= {p.name for p in out.iterdir()}
+    # top-1 agreement split by the teacher's own top-1 margin: the two halves bracket the whole
+    u, lo = s["top1_agreement_teacher_margin_upper_half"], s["top1_agreement_teacher_margin_lower_half"]
+    assert min(u, lo) <= s["top1_agreement"] <= max(u, lo)
+    assert rep["results"]["teacher"]["top1_margin"]["n"] == 8 and "top-1 margin" in (out / "eval.md").read_text()
+
+
+def test_the_teachers_top1_margin():
+    from vpr_edge.benchmarks.distill_eval import _top1_margin
+
+    db = np.eye(4, dtype=np.float32)
+    q = np.array([[0.9, 0.1, 0, 0], [0.5, 0.5, 0, 0], [0, 0.2, 0.7, 0.1]], np.float32)
+    np.testing.assert_allclose(_top1_margin(db, q, rows=2), [0.8, 0.0, 0.5], atol=1e-6)
 
 
 def test_a_student_of_another_teacher_is_refused(product, corridor, tmp_path):

@@ -8,6 +8,10 @@ Per student (and the teacher where it applies), on the held-out query images:
   teacher's descriptors of the dataset's database images. Top-1 / top-5 agreement: the student query's
   top-k list equals the teacher query's (`fidelity.compare_descriptors` definitions); recall@1/5 of both
   where the dataset has ground truth;
+- how close the teacher's own choice is: its top-1 margin (similarity of its top-1 database item minus its
+  top-2's) per query, and each student's top-1 agreement on the queries whose teacher margin lies in the upper
+  and in the lower half (random-weight teachers score many database items nearly alike: a small descriptor
+  error flips a near-tied top-1 without the student being worse elsewhere);
 - parameters and GFLOPs per image (torch.utils.flop_counter, counted on one forward pass, not by hand)
   and PyTorch eager latency at batch 1, of the student and of the teacher's PyTorch reference.
 Writes eval.json, eval.md, recall.png, cosine.png and one match grid per model.
@@ -106,6 +110,17 @@ def teacher_descriptors(teacher, paths: list[Path], progress: bool = False, batc
     return np.concatenate(feats), np.concatenate(descs)
 
 
+def _top1_margin(db: np.ndarray, queries: np.ndarray, rows: int = 256) -> np.ndarray:
+    """Per query: the teacher's similarity to its top-1 database item minus that to its top-2 (inner product of the
+    L2-normalised descriptors, as the map ranks), in blocks of `rows` queries."""
+    out = []
+    for i in range(0, len(queries), rows):
+        sims = queries[i : i + rows] @ db.T
+        top2 = np.sort(np.partition(sims, -2, axis=1)[:, -2:], axis=1) if sims.shape[1] > 1 else np.zeros((len(sims), 2))
+        out.append(top2[:, 1] - top2[:, 0])
+    return np.concatenate(out).astype(np.float64)
+
+
 def _positives(ds, q_idx: np.ndarray, db_paths: list[Path]) -> list[np.ndarray] | None:
     if ds is None:
         return None
@@ -140,8 +155,11 @@ def evaluate_students(runs, teacher_artifact, images, output, *, map_folder=None
         positives = _positives(ds, q_idx, db_paths)
         kmax = max(KS)
         t_rank = fidelity.rank_database(db, t_desc, kmax)
+        margin = _top1_margin(db, t_desc)
+        upper = margin >= np.median(margin)
         results: dict[str, Any] = {"teacher": {
             "artifact": str(teacher_artifact), "space": teacher.space, "identity": teacher.identity,
+            "top1_margin": percentiles(margin.tolist()),
             **(fidelity.recall_at_k(t_rank, positives, KS) if positives is not None else {}),
         }}
         ranked = {"teacher": t_rank}
@@ -160,6 +178,9 @@ def evaluate_students(runs, teacher_artifact, images, output, *, map_folder=None
                 np.linalg.norm(s_desc, axis=1) * np.linalg.norm(t_desc, axis=1), 1e-12)
             s_rank = fidelity.rank_database(db, s_desc, kmax)
             agree = {f"top{k}_agreement": float(np.mean(np.all(s_rank[:, :k] == t_rank[:, :k], axis=1))) for k in KS}
+            same1 = s_rank[:, 0] == t_rank[:, 0]
+            agree["top1_agreement_teacher_margin_upper_half"] = float(same1[upper].mean())
+            agree["top1_agreement_teacher_margin_lower_half"] = float(same1[~upper].mean()) if (~upper).any() else None
             row: dict[str, Any] = {
                 "run": str(run), "student": record["student"], "steps": record.get("steps"),
                 "cos_mean": float(cos.mean()), "cos_min": float(cos.min()), **agree,
@@ -212,6 +233,15 @@ def _markdown(out: dict) -> str:
             f"{s.get('assignment_agreement', float('nan')):.3f} | {s.get('R@1', float('nan')):.3f} | "
             f"{s.get('R@5', float('nan')):.3f} | {s['params_m']:.1f} | {s['gflops']:.2f} | "
             f"1/{s['flops_ratio_teacher_over_student']:.0f} | {s['latency_ms_p50']:.1f} |")
+    m = t.get("top1_margin")
+    if m:
+        lines += ["", f"The teacher's own top-1 margin (top-1 minus top-2 similarity) per query: median {m['p50']:.4f} "
+                      f"(min {m['min']:.4f}, p95 {m['p95']:.4f}). Top-1 agreement on the queries with the upper / lower half "
+                      "of those margins: " + "; ".join(
+                          f"{n} {r[n]['top1_agreement_teacher_margin_upper_half']:.3f} / "
+                          + ("-" if r[n]['top1_agreement_teacher_margin_lower_half'] is None
+                             else f"{r[n]['top1_agreement_teacher_margin_lower_half']:.3f}")
+                          for n in out["students"]) + "."]
     return "\n".join(lines) + "\n"
 
 
