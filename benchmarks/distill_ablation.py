@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from report import finish, pyplot  # noqa: E402
 BIN = Path(sys.executable).parent
 DEFAULT = {"patch": 1.0, "vlad": 1.0, "descriptor": 1.0, "relational": 0.1, "assignment": 0.1}
 METRICS = ("desc_cos_mean", "desc_cos_min", "assign_agree", "patch_cos", "top1")
@@ -101,18 +103,11 @@ def main() -> int:
         md.append(f"| {name} | {w} | {h['desc_cos_mean']:.4f} ({h['desc_cos_mean'] - base['desc_cos_mean']:+.4f}) | "
                   f"{h['desc_cos_min']:.4f} | {h['assign_agree']:.4f} | {h['patch_cos']:.4f} | {h['top1']:.3f} | "
                   f"{t.get('desc_cos_mean', float('nan')):.4f} |")
-    (out / "results.md").write_text("\n".join(md) + "\n")
-    _plot(out, results)
-    print("\n".join(md))
-    return 0
+    return finish(out, md, _plot, results)
 
 
 def _plot(out: Path, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(results)
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 3.6))
     x = range(len(names))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from report import finish, pyplot  # noqa: E402
 CORRIDOR = REPO.parent / "shared" / "data" / "corridor"
 VARIANTS = ("fp32", "int8-exact", "int8-saturating")
 
@@ -119,18 +122,11 @@ def main() -> int:
                   f"{r['int8_exact_vs_fp32_speed']:.2f}x | {r['saturating_over_exact_time']:.2f}x | "
                   f"{c['int8-exact']['mean']:.4f} / {c['int8-exact']['min']:.4f} | "
                   f"{c['int8-saturating']['mean']:.4f} / {c['int8-saturating']['min']:.4f} |")
-    (args.output / "results.md").write_text("\n".join(md) + "\n")
-    _plot(args.output, res)
-    print("\n".join(md))
-    return 0
+    return finish(args.output, md, _plot, res)
 
 
 def _plot(out: Path, res: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keys = list(res["artifacts"])
     fig, ax = plt.subplots(figsize=(max(5, 2.2 * len(keys)), 3.6))
     for i, v in enumerate(VARIANTS):

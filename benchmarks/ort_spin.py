@@ -32,6 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from preprocess import CORRIDOR, make_frames  # noqa: E402
+from report import finish, pyplot  # noqa: E402
 
 BIN = Path(sys.executable).parent
 SETTINGS = ("on", "off")
@@ -132,18 +133,11 @@ def main() -> int:
             md.append(f"| {key} | {s} | {v['pipelined_ips']:.2f} | {v['backend_only_ips']:.2f} | "
                       f"{v['ratio_same_setting']:.3f} | {v['ratio_vs_best_backend']:.3f} | {v['ratio_per_round_median']:.3f} |")
     md += ["", f"Wall time {res['wall_s']:.0f} s."]
-    (out / "results.md").write_text("\n".join(md) + "\n")
-    _plot(out, summary)
-    print("\n".join(md))
-    return 0
+    return finish(out, md, _plot, summary)
 
 
 def _plot(out: Path, summary: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keys = list(summary)
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
     x = range(len(keys))
