@@ -135,6 +135,20 @@ def test_fidelity_and_ratios_against_pytorch(bench_run):
     assert "speed-up vs pytorch-fp32" in (bench_run["out"] / "results.md").read_text()
 
 
+def test_an_fp32_variant_off_its_reference_is_flagged_with_both_causes(bench_run):
+    import copy
+
+    from vpr_edge.benchmarks.report import dataset_markdown
+
+    res = copy.deepcopy(bench_run["res"])
+    assert "is FP32 but differs" not in dataset_markdown(res)  # the real run agrees
+    fid = next(v["fidelity"] for v in res["variants"].values() if v["fidelity"] and v["info"]["precision"] == "fp32")
+    fid["cos_min"] = 0.95
+    md = dataset_markdown(res)
+    assert "is FP32 but differs" in md and "cos min 0.9500" in md
+    assert "assignment ties" in md and "--weights/--seed" in md
+
+
 @pytest.mark.slow
 def test_recall_equals_fidelity_recall_on_the_same_rankings(artifacts, corridor):
     from vpr_edge import datasets
