@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from report import finish, pyplot  # noqa: E402
+from vpr_edge.atomic import write_json  # noqa: E402
 BIN = Path(sys.executable).parent
 DEFAULT = {"patch": 1.0, "vlad": 1.0, "descriptor": 1.0, "relational": 0.1, "assignment": 0.1}
 METRICS = ("desc_cos_mean", "desc_cos_min", "assign_agree", "patch_cos", "top1")
@@ -90,7 +91,7 @@ def main() -> int:
     res = {"command": "python benchmarks/distill_ablation.py " + " ".join(sys.argv[1:]), "cache": str(args.cache),
            "teacher": json.loads((args.cache / "manifest.json").read_text()).get("identity"),
            "steps": args.steps, "batch_size": args.batch_size, "runs": results, "wall_s": wall}
-    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_json(out / "results.json", res)
     base = results["all"]["heldout"]
     md = ["# What each distillation loss contributes (held-out views; random-weight teacher)", "",
           f"Command: `{res['command']}`. Teacher: {res['teacher']}. Every run: {args.steps} steps of {args.batch_size} "

@@ -26,6 +26,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from report import finish, pyplot  # noqa: E402
+from vpr_edge.atomic import write_json  # noqa: E402
 CORRIDOR = REPO.parent / "shared" / "data" / "corridor"
 VARIANTS = ("fp32", "int8-exact", "int8-saturating")
 
@@ -84,6 +85,7 @@ def main() -> int:
 
     from vpr_edge import datasets
     from vpr_edge.artifact import load_artifact
+    from vpr_edge.errors import VprEdgeError
     from vpr_edge.imaging.exact import preprocess_image
     from vpr_edge.measure import machine_info
     from vpr_edge.onnxrt import session_config
@@ -95,19 +97,27 @@ def main() -> int:
                + [f"--rounds {args.rounds}", f"--images {args.images}", f"--threads {args.threads}"]),
            "cpu": machine["cpu"], "cpu_features": machine["cpu_features"], "machine": machine, "toolkit_session_config": session_config(),
            "rounds": args.rounds, "images": len(paths), "threads": args.threads, "artifacts": {}}
+    pairs = {}  # every pair checked before anything is timed
     for spec in args.pair:
         key, _, dirs = spec.partition("=")
-        fp32, int8 = (Path(d) for d in dirs.split(",", 1))
-        arts = [load_artifact(fp32), load_artifact(int8)]
+        if not key or dirs.count(",") != 1:
+            raise SystemExit(f"--pair {spec}: expected NAME=FP32_DIR,INT8_DIR")
+        fp32, int8 = (Path(d) for d in dirs.split(","))
+        try:
+            arts = [load_artifact(fp32), load_artifact(int8)]
+        except VprEdgeError as exc:
+            raise SystemExit(f"--pair {spec}: {exc}") from None
         if arts[0].manifest.space != arts[1].manifest.space:  # same weights and vocabulary, or cosines mean nothing
             raise SystemExit(f"--pair {spec}: the two artifacts describe different descriptor spaces; pair an FP32 and "
                              "an INT8 export of the same weights and vocabulary")
-        images = np.stack([preprocess_image(p, arts[0].preset.preprocess) for p in paths]).astype(np.float32)
+        pairs[key] = (fp32, int8, arts[0].preset.preprocess)
+    for key, (fp32, int8, pre) in pairs.items():
+        images = np.stack([preprocess_image(p, pre) for p in paths]).astype(np.float32)
         print(f"{key}: {fp32} vs {int8}", flush=True)
         res["artifacts"][key] = measure(fp32, int8, images, args.rounds, args.threads)
         print(json.dumps(res["artifacts"][key]["p50_ms"]), flush=True)
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_json(args.output / "results.json", res)
     md = ["# INT8 with exact vs saturating integer products (ONNX Runtime, CPU)", "",
           f"Command: `{res['command']}`. CPU: {res['cpu']} ({', '.join(res['cpu_features']) or 'none'}); what "
           f"vpr-edge sessions set here: {res['toolkit_session_config'] or 'nothing'}. Portable graphs, batch 1, "

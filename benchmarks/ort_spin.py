@@ -20,7 +20,6 @@ against the fastest the network runs here). Writes results.json, results.md, ort
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from preprocess import CORRIDOR, make_frames  # noqa: E402
 from report import finish, pyplot  # noqa: E402
+from vpr_edge.atomic import write_json  # noqa: E402
 
 BIN = Path(sys.executable).parent
 SETTINGS = ("on", "off")
@@ -118,7 +118,7 @@ def main() -> int:
         "summary": summary,
         "raw": raw,
     }
-    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_json(out / "results.json", res)
     m = res["machine"]
     md = ["# ONNX Runtime threads spinning or sleeping beside the preprocessing pool", "",
           f"Command: `{res['command']}`. CPU: {m.get('cpu')} ({', '.join(m.get('cpu_features', []))}), "

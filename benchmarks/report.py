@@ -17,8 +17,11 @@ def pyplot() -> Any:
 
 
 def finish(out: Path, md: list[str], plot: Callable[[Path, Any], None], data: Any) -> int:
-    """Write out/results.md, draw plot(out, data), print the table; the script's exit status."""
-    (out / "results.md").write_text("\n".join(md) + "\n")
+    """Write out/results.md (complete or not at all), draw plot(out, data), print the table; the exit status."""
+    from vpr_edge.atomic import atomic_file
+
+    with atomic_file(out / "results.md", "w") as fh:
+        fh.write("\n".join(md) + "\n")
     plot(out, data)
     print("\n".join(md))
     return 0

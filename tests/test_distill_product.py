@@ -126,11 +126,11 @@ def test_distill_eval_compares_the_student_with_its_teacher(product, corridor, t
 
 
 def test_the_teachers_top1_margin():
-    from vpr_edge.benchmarks.distill_eval import _top1_margin
+    from vpr_edge.fidelity import top1_margins
 
     db = np.eye(4, dtype=np.float32)
     q = np.array([[0.9, 0.1, 0, 0], [0.5, 0.5, 0, 0], [0, 0.2, 0.7, 0.1]], np.float32)
-    np.testing.assert_allclose(_top1_margin(db, q, rows=2), [0.8, 0.0, 0.5], atol=1e-6)
+    np.testing.assert_allclose(top1_margins(db, q, rows=2), [0.8, 0.0, 0.5], atol=1e-6)
 
 
 def test_a_student_of_another_teacher_is_refused(product, corridor, tmp_path):

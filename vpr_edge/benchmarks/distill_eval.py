@@ -110,17 +110,6 @@ def teacher_descriptors(teacher, paths: list[Path], progress: bool = False, batc
     return np.concatenate(feats), np.concatenate(descs)
 
 
-def _top1_margin(db: np.ndarray, queries: np.ndarray, rows: int = 256) -> np.ndarray:
-    """Per query: the teacher's similarity to its top-1 database item minus that to its top-2 (inner product of the
-    L2-normalised descriptors, as the map ranks), in blocks of `rows` queries."""
-    out = []
-    for i in range(0, len(queries), rows):
-        sims = queries[i : i + rows] @ db.T
-        top2 = np.sort(np.partition(sims, -2, axis=1)[:, -2:], axis=1) if sims.shape[1] > 1 else np.zeros((len(sims), 2))
-        out.append(top2[:, 1] - top2[:, 0])
-    return np.concatenate(out).astype(np.float64)
-
-
 def _positives(ds, q_idx: np.ndarray, db_paths: list[Path]) -> list[np.ndarray] | None:
     if ds is None:
         return None
@@ -155,7 +144,7 @@ def evaluate_students(runs, teacher_artifact, images, output, *, map_folder=None
         positives = _positives(ds, q_idx, db_paths)
         kmax = max(KS)
         t_rank = fidelity.rank_database(db, t_desc, kmax)
-        margin = _top1_margin(db, t_desc)
+        margin = fidelity.top1_margins(db, t_desc)
         upper = margin >= np.median(margin)
         results: dict[str, Any] = {"teacher": {
             "artifact": str(teacher_artifact), "space": teacher.space, "identity": teacher.identity,
