@@ -88,3 +88,58 @@ def test_refusals():
     with pytest.raises(ConfigError, match=r"run.json: losses vlad, assignment need a VLAD teacher .* losses.vlad = 0"):
         LossConfig().check_head("gem", where="run.json")
     LossConfig(vlad=0, assignment=0).check_head("gem")
+
+
+def _bank(head, f, images):
+    from vpr_edge.distill.losses import RankingBank, l2
+
+    with torch.no_grad():
+        return RankingBank(l2(head(f)), torch.as_tensor(images))
+
+
+def test_ranking_is_zero_at_the_teacher_and_ignores_the_items_own_image():
+    head, f, d, a = _setup()
+    cfg = LossConfig(patch=0, vlad=0, descriptor=0, relational=0, assignment=0, ranking=1, ranking_neighbours=3)
+    images = torch.tensor([10, 11, 12, 13, 14])
+    bank = _bank(head, f, [10, 11, 12, 13, 14])
+    assert float(distill_losses(cfg, head, f, f, d, a, bank=bank, images=images)[1]["ranking"]) < 1e-6
+    # a student that is the teacher except for item 0: its own bank entry (same image) must not count
+    s = f.clone()
+    s[0] = torch.nn.functional.normalize(f[0] + 0.8 * torch.randn_like(f[0]), dim=-1)
+    with_own = float(distill_losses(cfg, head, s, f, d, a, bank=bank, images=images)[1]["ranking"])
+    other = _bank(head, f, [10, 11, 12, 13, 14])
+    without = _without(other, 10)
+    alone = float(distill_losses(cfg, head, s, f, d, a, bank=without, images=images)[1]["ranking"])
+    assert with_own == pytest.approx(alone, abs=1e-6)
+
+
+def _without(bank, image):
+    from vpr_edge.distill.losses import RankingBank
+
+    keep = bank.images != image
+    return RankingBank(bank.descriptors[keep], bank.images[keep])
+
+
+def test_ranking_penalises_a_wrong_order_of_neighbours_and_has_gradients():
+    head, f, d, a = _setup()
+    cfg = LossConfig(patch=0, vlad=0, descriptor=0, relational=0, assignment=0, ranking=1, ranking_neighbours=4,
+                     ranking_temperature=0.01)
+    bank = _bank(head, f, [0, 1, 2, 3, 4])
+    images = torch.tensor([5, 6, 7, 8, 9])  # items of other images: every bank entry is a neighbour
+    s = f[torch.tensor([1, 0, 3, 2, 4])].clone().requires_grad_(True)  # students ranking like other items
+    loss = distill_losses(cfg, head, s, f, d, a, bank=bank, images=images)[1]["ranking"]
+    assert float(loss.detach()) > 0.1
+    (g,) = torch.autograd.grad(loss, s)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_ranking_refusals():
+    head, f, d, a = _setup()
+    cfg = LossConfig(patch=0, vlad=0, descriptor=0, relational=0, assignment=0, ranking=1)
+    with pytest.raises(ConfigError, match="needs a bank"):
+        distill_losses(cfg, head, f, f, d, a)
+    tiny = _bank(head, f[:2], [0, 1])
+    with pytest.raises(ConfigError, match="too few"):
+        distill_losses(cfg, head, f[:2], f[:2], d[:2], a[:2], bank=tiny, images=torch.tensor([0, 1]))
+    with pytest.raises(ConfigError, match="ranking_neighbours"):
+        LossConfig(ranking_neighbours=1)

@@ -253,3 +253,20 @@ def test_two_processes_follow_one_at_the_same_global_batch(tmp_path, cache6):
     with torch.no_grad():
         torch.testing.assert_close(load_student(tmp_path / "ddp")(x), load_student(tmp_path / "one")(x), atol=1e-5, rtol=0)
     assert C.load(C.path_for(tmp_path / "ddp", 4))["world_size"] == 2
+
+
+def test_the_ranking_loss_trains_against_a_bank_of_other_training_images(tmp_path, cache6):
+    from vpr_edge.distill.data import ranking_bank, split
+
+    cache = open_cache(cache6)
+    sp = split(cache, 0.2)
+    bank = ranking_bank(cache, sp, 3)
+    assert len(bank.images) == 3 and set(bank.images.tolist()) <= set(sp.train_images.tolist())
+    torch.testing.assert_close(bank.descriptors.norm(dim=1), torch.ones(3))
+    losses = {"patch": 1.0, "vlad": 1.0, "descriptor": 1.0, "relational": 0.1, "assignment": 0.1, "ranking": 1.0}
+    res = train(_tiny(steps=6, losses=losses), cache6, tmp_path / "run", progress=False)
+    rows = _metrics(tmp_path / "run")
+    assert res.complete and all(np.isfinite(float(r["loss_ranking"])) for r in rows)
+    with (tmp_path / "run" / "eval.csv").open() as fh:
+        ev = list(csv.DictReader(fh))
+    assert ev and all(0.0 <= float(r["map_top1"]) <= 1.0 for r in ev)

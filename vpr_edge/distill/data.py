@@ -64,6 +64,18 @@ def plain_train_items(cache: TeacherCache, sp: Split) -> np.ndarray:
     return np.flatnonzero((cache.items[:, 1] == 0) & np.isin(cache.items[:, 0], sp.train_images))
 
 
+def ranking_bank(cache: TeacherCache, sp: Split, limit: int):
+    """The ranking loss's map of the training set: the teacher's descriptor of view 0 of up to `limit`
+    training images (evenly spaced in cache order), L2-normalised, with their image indices."""
+    from vpr_edge.datasets import evenly_spaced
+    from vpr_edge.distill.losses import RankingBank, l2
+
+    items = plain_train_items(cache, sp)
+    items = items[evenly_spaced(len(items), limit)]
+    d = np.stack([np.asarray(cache[int(i)]["descriptor"], dtype=np.float32) for i in items])
+    return RankingBank(l2(torch.from_numpy(d)), torch.from_numpy(cache.items[items, 0].astype(np.int64)))
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(epoch)]))).permutation(n)
 

@@ -6,6 +6,10 @@
 - patch_cos: mean cosine of student and teacher patch features.
 - top1: asymmetric retrieval among the evaluated items: the fraction of student descriptors whose
   nearest teacher descriptor is that of the same item (student query against a teacher-built map).
+- map_top1: top-1 agreement against a teacher-built map of the *other* evaluated items: the fraction of
+  items whose student descriptor's nearest teacher descriptor (own item excluded) is the teacher's own
+  nearest. What `distill eval` measures against a real map, here on the cached items (a near-duplicate
+  neighbour, such as the next frame of a route, makes it hard, as it does there).
 """
 
 from __future__ import annotations
@@ -46,13 +50,17 @@ def evaluate(student, data, items, *, batch_size: int = 32, device="cpu") -> dic
     student.train(was_training)
     ds_, dt_ = torch.cat(ds), torch.cat(dt)
     cos = (ds_ * dt_).sum(-1).numpy()
-    top1 = (ds_ @ dt_.T).argmax(dim=1).numpy() == np.arange(len(items))
+    sim = ds_ @ dt_.T
+    top1 = sim.argmax(dim=1).numpy() == np.arange(len(items))
+    own = torch.eye(len(items), dtype=torch.bool)
+    map_top1 = (sim.masked_fill(own, -2).argmax(1) == (dt_ @ dt_.T).masked_fill(own, -2).argmax(1)).float()
     out = {
         "items": float(len(items)),
         "desc_cos_mean": float(cos.mean()),
         "desc_cos_min": float(cos.min()),
         "patch_cos": pcos / tokens,
         "top1": float(top1.mean()),
+        "map_top1": float(map_top1.mean()) if len(items) > 1 else float("nan"),
     }
     if has_assign:
         out["assign_agree"] = agree / tokens

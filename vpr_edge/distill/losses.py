@@ -20,6 +20,12 @@ descriptor [B, dim] (after its PCA if any), head = the teacher's frozen aggregat
               query then follow the teacher's. Computed over the micro-batch (see TrainConfig).
 - assignment  Cross-entropy of logits cos(s, c_k) / T (c_k the normalised centres) against the
               teacher's cluster a: hard VLAD at inference puts student tokens in the teacher's clusters.
+- ranking     Each student descriptor against a bank of teacher descriptors of *other* training images
+              (a map of the training set, held in memory; see data.ranking_bank), on the teacher's k
+              nearest bank entries: KL(softmax(d_t b^T / T) || softmax(head(s) b^T / T)). `relational`'s
+              target is dominated by the item's own teacher descriptor (similarity 1 against near-ties),
+              so it teaches "find yourself"; this one ranks the neighbours, which is what top-1 agreement
+              against a teacher-built map asks (the query's own image is not in that map).
 
 `vlad` and `assignment` need a VLAD teacher (assignments in the cache); a GeM teacher refuses them.
 """
@@ -27,6 +33,7 @@ descriptor [B, dim] (after its PCA if any), head = the teacher's frozen aggregat
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +43,7 @@ from vpr_edge.lazy import lazy_import
 torch = lazy_import("torch")
 F = torch.nn.functional
 
-NAMES = ("patch", "vlad", "descriptor", "relational", "assignment")
+NAMES = ("patch", "vlad", "descriptor", "relational", "assignment", "ranking")
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,10 @@ class LossConfig:
     relational_temperature: float = 0.05
     assignment: float = 0.1
     assignment_temperature: float = 0.05
+    ranking: float = 0.0  # off by default: benchmarks/results/distill_ranking measured what it does
+    ranking_temperature: float = 0.01  # the teacher's top-1 margins are ~0.01-0.03 in cosine
+    ranking_neighbours: int = 16  # the teacher's k nearest bank entries the ranking is taken over
+    ranking_bank: int = 4096  # at most this many training images (view 0) in the bank
 
     def __post_init__(self) -> None:
         if self.patch_kind not in ("cosine", "mse"):
@@ -58,8 +69,10 @@ class LossConfig:
                 raise ConfigError(f"loss weight {n} must be >= 0, got {getattr(self, n)}")
         if not any(getattr(self, n) for n in NAMES):
             raise ConfigError(f"all loss weights are 0; switch on at least one of {', '.join(NAMES)}")
-        if self.relational_temperature <= 0 or self.assignment_temperature <= 0:
+        if min(self.relational_temperature, self.assignment_temperature, self.ranking_temperature) <= 0:
             raise ConfigError("loss temperatures must be > 0")
+        if self.ranking_neighbours < 2 or self.ranking_bank < 2:
+            raise ConfigError("ranking_neighbours and ranking_bank must be >= 2")
 
     @property
     def active(self) -> tuple[str, ...]:
@@ -111,8 +124,12 @@ def distill_losses(
     teacher_descriptors: torch.Tensor,
     teacher_assign: torch.Tensor | None = None,
     student_descriptors: torch.Tensor | None = None,
+    bank: RankingBank | None = None,
+    images: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(weighted total, {name: unweighted loss}) for the active losses; all in FP32."""
+    """(weighted total, {name: unweighted loss}) for the active losses; all in FP32.
+
+    `bank` and `images` (the cache image index of each item) are needed by the ranking loss only."""
     s = student_features.float()
     t = l2(teacher_features.float())
     dt = teacher_descriptors.float()
@@ -131,7 +148,7 @@ def distill_losses(
         if pca is not None:
             v = pca(v)
         parts["vlad"] = _cos_loss(v, dt)
-    if config.descriptor or config.relational:
+    if config.descriptor or config.relational or config.ranking:
         ds = student_descriptors.float() if student_descriptors is not None else head(s)
         if config.descriptor:
             parts["descriptor"] = _cos_loss(ds, dt)
@@ -145,5 +162,35 @@ def distill_losses(
         c = l2(pool.centers.float())
         logits = (s @ c.T) / config.assignment_temperature  # [B, N, K]
         parts["assignment"] = F.cross_entropy(logits.flatten(0, 1), teacher_assign.long().flatten())
+    if config.ranking:
+        if bank is None or images is None:
+            raise ConfigError("the ranking loss needs a bank of teacher descriptors and the items' image indices")
+        parts["ranking"] = ranking_loss(l2(ds), l2(dt), images, bank, config.ranking_neighbours,
+                                        config.ranking_temperature)
     total = sum(getattr(config, n) * v for n, v in parts.items())
     return total, parts
+
+
+@dataclass(frozen=True)
+class RankingBank:
+    """Teacher descriptors (L2-normalised, [M, dim]) and the cache image index of each ([M])."""
+
+    descriptors: torch.Tensor
+    images: torch.Tensor
+
+
+def ranking_loss(ds: torch.Tensor, dt: torch.Tensor, images: torch.Tensor, bank: RankingBank, k: int,
+                 temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the rankings of the teacher's k nearest bank entries (own image excluded).
+
+    ds, dt: L2-normalised student and teacher descriptors of the same items [B, dim]."""
+    b = bank.descriptors.to(ds.device)
+    own = images.to(b.device).view(-1, 1) == bank.images.view(1, -1)  # [B, M]
+    st = (dt @ b.T).masked_fill(own, -math.inf)
+    k = min(k, b.shape[0] - int(own.sum(1).max()))
+    if k < 2:
+        raise ConfigError(f"the ranking bank holds {b.shape[0]} descriptors: too few besides each item's own image")
+    near = st.topk(k, dim=1).indices  # the teacher's neighbours of each item
+    target = F.softmax(st.gather(1, near) / temperature, dim=-1)
+    logp = F.log_softmax((ds @ b.T).gather(1, near) / temperature, dim=-1)
+    return F.kl_div(logp, target, reduction="batchmean")

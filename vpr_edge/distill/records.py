@@ -66,7 +66,7 @@ def plot_curves(metrics: list[dict], evals: list[dict], path: Path, losses: list
         if not rows:
             continue
         xs = [int(float(r["step"])) for r in rows]
-        for name in ("desc_cos_mean", "assign_agree", "top1"):
+        for name in ("desc_cos_mean", "assign_agree", "top1", "map_top1"):
             ys = [float(r[name]) for r in rows if r.get(name) not in (None, "")]
             if len(ys) == len(xs):
                 b.plot(xs, ys, style, marker="o", ms=3, label=f"{split} {name}")

@@ -51,7 +51,8 @@ torch = lazy_import("torch")
 RUN_FORMAT = "vpr-edge-distill-run"
 FORMAT_VERSION = 1
 CONFIG = "config.json"
-EVAL_COLUMNS = ["step", "split", "items", "desc_cos_mean", "desc_cos_min", "assign_agree", "patch_cos", "top1"]
+EVAL_COLUMNS = ["step", "split", "items", "desc_cos_mean", "desc_cos_min", "assign_agree", "patch_cos", "top1",
+                "map_top1"]
 
 
 @dataclass
@@ -296,6 +297,7 @@ def _train(
         train_backbone = ddp
 
     data = D.RenderedItems(cache, scfg.image_size)
+    bank = D.ranking_bank(cache, sp, config.losses.ranking_bank) if config.losses.ranking else None
     eval_sets = {"heldout": _spread(sp.heldout_items, config.eval_limit),
                  "train": _spread(D.plain_train_items(cache, sp), config.eval_limit)}
     last_eval: dict[str, dict[str, float]] = {}
@@ -354,6 +356,7 @@ def _train(
                     total, parts = distill_losses(
                         config.losses, head, feats.float(), batch["features"].to(dev), batch["descriptors"].to(dev),
                         assign.to(dev) if assign is not None else None,
+                        bank=bank, images=torch.from_numpy(cache.items[batch["index"].numpy(), 0]) if bank is not None else None,
                     )
                     scaler.scale(total / accumulation).backward()
                 acc[: 1 + len(active)] += torch.stack([total.detach()] + [parts[n].detach() for n in active]).double()
