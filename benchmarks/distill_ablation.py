@@ -13,8 +13,10 @@ adds the product's own top-1 agreement (student queries vs teacher queries) to t
 
 Every run is one `vpr-edge distill train` (its TrainConfig written as JSON next to it, the command and wall
 time appended to commands.txt); a finished run is skipped and a killed one resumes, so the script continues
-where it stopped. The runs share everything but the loss weights (README's defaults: patch 1, vlad 1,
-descriptor 1, relational 0.1, assignment 0.1): seed, data order, steps, learning rate, held-out split (the
+where it stopped. The runs share everything but the loss weights ('all': patch 1, vlad 1, descriptor 1,
+relational 0.1, assignment 0.1, the defaults until these runs switched the assignment loss off by default;
+the runs keep that set as their reference so they stay comparable): seed, data order, steps, learning rate,
+held-out split (the
 cache's last 5% of images, view 0). Reported per run, at its last step, from its eval.csv: held-out descriptor
 cosine (mean and min), assignment agreement, patch cosine and top-1 of student descriptors among the held-out
 teacher descriptors; plus the same on the training subset. Writes results.json, results.md, ablation.png.
@@ -72,6 +74,7 @@ def main() -> int:
     ap.add_argument("--which", choices=("off", "alone", "both", "ranking"), default="off",
                     help="runs beside 'all': each loss switched off (default), each alone, both, or the ranking set")
     ap.add_argument("--ranking-weight", type=float, default=1.0, help="the ranking loss's weight in --which ranking")
+    ap.add_argument("--only", default=None, metavar="NAME,...", help="run only these variants of --which ('all' among them)")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds; every run once per seed (default 0)")
     ap.add_argument("--eval-teacher", type=Path, default=None, help="teacher artifact for --eval-map")
     ap.add_argument("--eval-map", type=Path, default=None, help="a map built with the teacher (held-out images)")
@@ -81,12 +84,18 @@ def main() -> int:
     if (args.eval_map is None) != (args.eval_images is None) or (args.eval_map is None) != (args.eval_teacher is None):
         ap.error("--eval-map, --eval-images and --eval-teacher go together")
     seeds = [int(x) for x in args.seeds.split(",")]
+    chosen = variants(args.which, args.ranking_weight)
+    if args.only:
+        names = args.only.split(",")
+        if "all" not in names or not set(names) <= set(chosen):
+            ap.error(f"--only takes 'all' and some of {', '.join(chosen)}")
+        chosen = {n: w for n, w in chosen.items() if n in names}
     out = args.output.resolve()
     out.mkdir(parents=True, exist_ok=True)
     log = out / "commands.txt"
     results, wall = {}, {}
     plan = [(name + (f"-s{seed}" if seed else ""), weights, seed)
-            for seed in seeds for name, weights in variants(args.which, args.ranking_weight).items()]
+            for seed in seeds for name, weights in chosen.items()]
     for name, weights, seed in plan:
         run = out / "artifacts" / f"run-{name}"
         cfg = out / f"config-{name}.json"
@@ -137,7 +146,7 @@ def main() -> int:
     if len(seeds) > 1:
         md += ["", f"Means over seeds {', '.join(map(str, seeds))}:", "",
                "| variant | held-out cos mean | map top-1 (cache) | map top-1 (eval) |", "|---|---|---|---|"]
-        for v in variants(args.which, args.ranking_weight):
+        for v in chosen:
             rs = [results[v + (f"-s{x}" if x else "")] for x in seeds]
             mean = lambda xs: float(np.mean(xs))  # noqa: E731
             md.append(f"| {v} | {mean([r['heldout']['desc_cos_mean'] for r in rs]):.4f} | "

@@ -28,7 +28,7 @@ from vpr_edge.cli.main import main as cli_main
 from vpr_edge.errors import ArtifactError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-LOSS_COLUMNS = ["loss", "loss_patch", "loss_vlad", "loss_descriptor", "loss_relational", "loss_assignment"]
+LOSS_COLUMNS = ["loss", "loss_patch", "loss_vlad", "loss_descriptor", "loss_relational"]  # the default losses
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -115,10 +115,12 @@ def test_loss_decreases_and_the_run_folder_is_complete(tmp_path, cache6):
 def test_a_student_of_the_teachers_architecture_reaches_it(tmp_path, imgs, teacher):
     # ViT-G/14-shaped tiny student, tokens of block 1 = the teacher's trunk before its block-2 value facet
     cache = build_cache(imgs[:3], teacher, tmp_path / "c3", views=2, progress=False)
+    # with the assignment loss (off by default): an exact replica's last descriptor error is tokens in the wrong
+    # cluster, which that loss pins (on this CPU: cos 0.997 after 160 steps; without it 0.983, and 0.993 after 320)
     cfg = TrainConfig(
         student=StudentConfig(arch="vitg14", tiny=True, block=1), steps=160, batch_size=6, micro_batch_size=6,
         lr=3e-2, backbone_lr_scale=0.1, weight_decay=0.0, warmup_steps=5, min_lr_ratio=0.1,
-        heldout_fraction=0.0, ema_decay=0.0, eval_every=0, checkpoint_every=0,
+        heldout_fraction=0.0, ema_decay=0.0, eval_every=0, checkpoint_every=0, losses={"assignment": 0.1},
     )
     train(cfg, tmp_path / "c3", tmp_path / "run", progress=False)
     student = load_student(tmp_path / "run")
