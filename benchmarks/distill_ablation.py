@@ -55,6 +55,11 @@ def variants(which: str, ranking: float = 1.0) -> dict[str, dict[str, float]]:
     return out
 
 
+def run_name(variant: str, seed: int) -> str:
+    """Runs of seed 0 keep the variant's name (the first ablation's folders); seed s > 0 adds -sS."""
+    return variant + (f"-s{seed}" if seed else "")
+
+
 def last_eval(run: Path) -> dict[str, dict[str, float]]:
     with (run / "eval.csv").open() as fh:
         rows = list(csv.DictReader(fh))
@@ -94,7 +99,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "commands.txt"
     results, wall = {}, {}
-    plan = [(name + (f"-s{seed}" if seed else ""), weights, seed)
+    plan = [(run_name(name, seed), weights, seed)
             for seed in seeds for name, weights in chosen.items()]
     for name, weights, seed in plan:
         run = out / "artifacts" / f"run-{name}"
@@ -137,7 +142,7 @@ def main() -> int:
           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         h, t = r["heldout"], r.get("train", {})
-        base = results["all" + (f"-s{r['seed']}" if r["seed"] else "")]["heldout"]
+        base = results[run_name("all", r["seed"])]["heldout"]
         w = ", ".join(f"{r['losses'][k]:g}" for k in DEFAULT)
         md.append(f"| {name} | {r['seed']} | {w} | {h['desc_cos_mean']:.4f} ({h['desc_cos_mean'] - base['desc_cos_mean']:+.4f}) "
                   f"| {h['desc_cos_min']:.4f} | {h['assign_agree']:.4f} | {h['patch_cos']:.4f} | {h['top1']:.3f} | "
@@ -147,11 +152,10 @@ def main() -> int:
         md += ["", f"Means over seeds {', '.join(map(str, seeds))}:", "",
                "| variant | held-out cos mean | map top-1 (cache) | map top-1 (eval) |", "|---|---|---|---|"]
         for v in chosen:
-            rs = [results[v + (f"-s{x}" if x else "")] for x in seeds]
-            mean = lambda xs: float(np.mean(xs))  # noqa: E731
-            md.append(f"| {v} | {mean([r['heldout']['desc_cos_mean'] for r in rs]):.4f} | "
-                      f"{mean([r['heldout']['map_top1'] for r in rs]):.3f} | "
-                      f"{mean([r.get('eval', {}).get('top1_agreement', float('nan')) for r in rs]):.3f} |")
+            rs = [results[run_name(v, x)] for x in seeds]
+            md.append(f"| {v} | {np.mean([r['heldout']['desc_cos_mean'] for r in rs]):.4f} | "
+                      f"{np.mean([r['heldout']['map_top1'] for r in rs]):.3f} | "
+                      f"{np.mean([r.get('eval', {}).get('top1_agreement', float('nan')) for r in rs]):.3f} |")
     return finish(out, md, _plot, results)
 
 

@@ -272,3 +272,12 @@ def test_the_ranking_loss_trains_against_a_bank_of_other_training_images(tmp_pat
     with (tmp_path / "run" / "eval.csv").open() as fh:
         ev = list(csv.DictReader(fh))
     assert ev and all(0.0 <= float(r["map_top1"]) <= 1.0 for r in ev)
+
+
+def test_a_ranking_bank_too_small_is_refused_before_the_run_folder_is_written(tmp_path, cache6):
+    from vpr_edge.errors import InputError
+
+    losses = {"patch": 1.0, "ranking": 1.0}
+    with pytest.raises(InputError, match=r"cache6.*ranking loss needs 3 training images or more.*holds 2"):
+        train(_tiny(steps=2, losses=losses, heldout_fraction=0.6), cache6, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -64,14 +64,18 @@ def plain_train_items(cache: TeacherCache, sp: Split) -> np.ndarray:
     return np.flatnonzero((cache.items[:, 1] == 0) & np.isin(cache.items[:, 0], sp.train_images))
 
 
-def ranking_bank(cache: TeacherCache, sp: Split, limit: int):
+def ranking_bank(cache: TeacherCache, sp: Split, limit: int, where: str = ""):
     """The ranking loss's map of the training set: the teacher's descriptor of view 0 of up to `limit`
-    training images (evenly spaced in cache order), L2-normalised, with their image indices."""
+    training images (evenly spaced in cache order), L2-normalised, with their image indices. It needs 3
+    images at least: each item ranks 2 or more neighbours besides its own image."""
     from vpr_edge.datasets import evenly_spaced
     from vpr_edge.distill.losses import RankingBank, l2
 
     items = plain_train_items(cache, sp)
     items = items[evenly_spaced(len(items), limit)]
+    if len(items) < 3:
+        raise InputError(f"{where or cache.path}: the ranking loss needs 3 training images or more, the cache holds "
+                         f"{len(items)} after the held-out split; add images or set losses.ranking = 0")
     d = np.stack([np.asarray(cache[int(i)]["descriptor"], dtype=np.float32) for i in items])
     return RankingBank(l2(torch.from_numpy(d)), torch.from_numpy(cache.items[items, 0].astype(np.int64)))
 
@@ -126,6 +130,7 @@ class RenderedItems(torch.utils.data.Dataset):
         item = self.cache[i]
         out = {
             "index": i,
+            "image": int(self.cache.items[i, 0]),  # the cache image the view is of
             "images": torch.from_numpy(self.image(i)),
             "features": torch.from_numpy(np.asarray(item["features"], dtype=np.float16).copy()),
             "descriptors": torch.from_numpy(np.asarray(item["descriptor"], dtype=np.float32).copy()),

@@ -240,6 +240,8 @@ def _train(
     sp = D.split(cache, config.heldout_fraction)
     if len(sp.train_items) == 0:
         raise ArtifactError(f"{cache.path}: no training items after holding out {len(sp.heldout_images)} images")
+    # the ranking loss's bank, checked before the run folder is written
+    bank = D.ranking_bank(cache, sp, config.losses.ranking_bank, where=where) if config.losses.ranking else None
     continuing = _check_run_dir(run_dir, config, cache, resume)
     ckpts = C.list_checkpoints(run_dir) if continuing else []
     dist.barrier()  # every rank has looked at the run folder before rank 0 writes into it
@@ -297,7 +299,6 @@ def _train(
         train_backbone = ddp
 
     data = D.RenderedItems(cache, scfg.image_size)
-    bank = D.ranking_bank(cache, sp, config.losses.ranking_bank) if config.losses.ranking else None
     eval_sets = {"heldout": _spread(sp.heldout_items, config.eval_limit),
                  "train": _spread(D.plain_train_items(cache, sp), config.eval_limit)}
     last_eval: dict[str, dict[str, float]] = {}
@@ -356,7 +357,7 @@ def _train(
                     total, parts = distill_losses(
                         config.losses, head, feats.float(), batch["features"].to(dev), batch["descriptors"].to(dev),
                         assign.to(dev) if assign is not None else None,
-                        bank=bank, images=torch.from_numpy(cache.items[batch["index"].numpy(), 0]) if bank is not None else None,
+                        bank=bank, images=batch["image"] if bank is not None else None,
                     )
                     scaler.scale(total / accumulation).backward()
                 acc[: 1 + len(active)] += torch.stack([total.detach()] + [parts[n].detach() for n in active]).double()
